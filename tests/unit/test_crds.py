@@ -37,9 +37,11 @@ def test_schema_is_structural_and_described(info: Any) -> None:
     crd = build_crd(info)
     schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     text = yaml.safe_dump(schema)
-    for forbidden in ("$ref", "anyOf", "nullable"):
+    for forbidden in ("$ref", "nullable", "allOf", "oneOf"):
         assert forbidden not in text
     for path, node in _walk(schema, ""):
+        if "anyOf" in node:
+            assert node.get("x-kubernetes-int-or-string"), f"{info.kind}{path}: anyOf is only for int-or-string"
         typed = "type" in node or node.get("x-kubernetes-int-or-string")
         assert typed, f"{info.kind}{path} has no type"
         if path.startswith((".spec.", ".status.")) and not path.endswith(("[]", "{}")):

@@ -126,7 +126,8 @@ def schema_for(annotation: Any, *, facts: _Facts | None = None, defaults: bool =
     origin = get_origin(tp)
     schema: Schema
     if kube.int_or_string:
-        schema = {"x-kubernetes-int-or-string": True}
+        # kubebuilder's shape for resource.Quantity: the pattern applies to the string form.
+        schema = {"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}
     elif origin is Literal:
         values = list(get_args(tp))
         if not all(isinstance(v, str) for v in values):
@@ -164,8 +165,7 @@ def schema_for(annotation: Any, *, facts: _Facts | None = None, defaults: bool =
         schema["x-kubernetes-list-type"] = kube.list_type
     if kube.list_map_keys:
         schema["x-kubernetes-list-map-keys"] = list(kube.list_map_keys)
-    if not kube.int_or_string:
-        _apply_constraints(schema, facts.constraints)
+    _apply_constraints(schema, facts.constraints)
     if kube.validations:
         schema.setdefault("x-kubernetes-validations", []).extend(_validations(kube.validations))
     if facts.description:

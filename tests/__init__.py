@@ -1,0 +1,1 @@
+"""kubetune's tests. A package, so that the test cluster imports as ``tests.cluster``."""

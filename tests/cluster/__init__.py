@@ -1,0 +1,161 @@
+"""The test cluster: a real control plane, a fake kubelet and a loopback S3, started together.
+
+End-to-end tests (and ``make cluster-up`` for a person) need all three at once;
+``Cluster`` starts them in the right order, waits until pods can actually run
+(Node Ready, the default ServiceAccount present) and stops them all again.
+Nothing here needs root, containers or network access beyond loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+
+from tests.cluster.controlplane import ControlPlane, find_binaries
+from tests.cluster.procs import Service, stop_all, wait_until
+from tests.cluster.s3 import S3Server
+
+__all__ = ["Cluster", "KubectlError", "S3Server"]
+
+NODE_NAME = "kubetune-node"
+
+
+class KubectlError(subprocess.CalledProcessError):
+    """A failed kubectl call whose message includes kubectl's stderr."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n{self.stderr}"
+
+
+@dataclass
+class Cluster:
+    """A running test cluster; build one with ``Cluster.start(workdir)``."""
+
+    workdir: Path
+    bin_dir: Path
+    control_plane: ControlPlane
+    kubelet: Service
+    s3: S3Server
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.control_plane.kubeconfig
+
+    @property
+    def server(self) -> str:
+        return self.control_plane.server
+
+    @property
+    def token(self) -> str:
+        """The admin (system:masters) bearer token."""
+        return self.control_plane.token
+
+    @classmethod
+    def start(cls, workdir: Path, timeout: float = 120.0) -> Cluster:
+        """Start everything in ``workdir``; return once a pod would run."""
+        began = time.monotonic()
+        workdir = workdir.resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        bin_dir = find_binaries()
+        logs = workdir / "logs"
+        s3 = S3Server.start(logs)
+        started: list[Service] = [s3.service]
+        try:
+            plane = ControlPlane.start(workdir, bin_dir)
+            started.extend(plane.services)
+            # The venv's bin first: pods' "python" must be the one with the project installed.
+            env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+            kubelet = Service.spawn(
+                "kubelet",
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.cluster.kubelet",
+                    f"--kubeconfig={plane.kubeconfig}",
+                    f"--workdir={workdir}",
+                    f"--node-name={NODE_NAME}",
+                ],
+                logs,
+                env=env,
+                cwd=Path(__file__).resolve().parents[2],
+            )
+            started.append(kubelet)
+            cluster = cls(workdir, bin_dir, plane, kubelet, s3)
+            plane.wait_ready()
+            s3.wait_ready()
+            cluster._wait_schedulable(max(10.0, timeout - (time.monotonic() - began)))
+        except BaseException:
+            stop_all([*reversed(started)])
+            raise
+        return cluster
+
+    def _wait_schedulable(self, timeout: float) -> None:
+        with self.api_client() as api:
+            core = k8s.CoreV1Api(api)
+
+            def node_ready() -> bool:
+                nodes = core.list_node(field_selector=f"metadata.name={NODE_NAME}").items
+                conditions = [c for n in nodes if n.status is not None for c in n.status.conditions or []]
+                return any(c.type == "Ready" and c.status == "True" for c in conditions)
+
+            def default_account() -> bool:
+                return bool(core.list_namespaced_service_account("default").items)
+
+            services = [*self.control_plane.services, self.kubelet]
+            wait_until(node_ready, timeout=timeout, what="the fake kubelet's Node", services=services, interval=0.2)
+            wait_until(default_account, timeout=timeout, what="the default ServiceAccount", services=services)
+
+    def api_client(self) -> k8s.ApiClient:
+        """A new synchronous ``kubernetes.client.ApiClient`` for the admin kubeconfig (close it, or use ``with``)."""
+        api: k8s.ApiClient = k8s_config.new_client_from_config(config_file=str(self.kubeconfig))  # type: ignore[no-untyped-call]
+        return api
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, namespace: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the built kubectl against this cluster; on failure, the error carries stderr."""
+        argv = [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig}"]
+        if namespace is not None:
+            argv.append(f"--namespace={namespace}")
+        result = subprocess.run([*argv, *args], input=input, capture_output=True, text=True, timeout=120, check=False)
+        if check and result.returncode != 0:
+            raise KubectlError(result.returncode, result.args, result.stdout, result.stderr)
+        return result
+
+    def pod_dir(self, namespace: str, pod: str) -> Path:
+        """The fake kubelet's folder of a pod (the newest one, when a name was reused)."""
+        candidates = sorted((self.workdir / "pods").glob(f"{namespace}_{pod}_*"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise FileNotFoundError(f"the fake kubelet never ran pod {namespace}/{pod}")
+        return candidates[-1]
+
+    def pod_log(self, namespace: str, pod: str, container: str | None = None) -> str:
+        """A container's output (all its restarts), read from the fake kubelet's log file."""
+        folder = self.pod_dir(namespace, pod)
+        if container is None:
+            logs = sorted(folder.glob("*.log"))
+            if not logs:
+                raise FileNotFoundError(f"no container of pod {namespace}/{pod} has started yet")
+            if len(logs) > 1:
+                raise ValueError(f"pod {namespace}/{pod} has logs of {[p.stem for p in logs]}; name the container")
+            return logs[0].read_text(errors="replace")
+        return (folder / f"{container}.log").read_text(errors="replace")
+
+    def ensure_running(self) -> None:
+        """Raise if a component died (its log's tail is in the message)."""
+        self.control_plane.ensure_running()
+        self.kubelet.ensure_running()
+        self.s3.service.ensure_running()
+
+    def stop(self) -> None:
+        """Stop the kubelet first (it kills the pods' processes), then the control plane, then S3."""
+        stop_all([self.kubelet])
+        self.control_plane.stop()
+        self.s3.stop()

@@ -1,0 +1,71 @@
+"""Shared fixtures: the test cluster (started once per session) and a namespace per test.
+
+Tests under tests/e2e are marked ``e2e`` here, so ``-m "not e2e"`` runs the fast
+suite without starting the cluster.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Generator, Iterator
+from pathlib import Path
+
+import pytest
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+
+from tests.cluster import Cluster
+
+E2E_DIR = Path(__file__).parent / "e2e"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.is_relative_to(E2E_DIR):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """On failure, say where the cluster's logs are (pods/, logs/ of the workdir)."""
+    report = yield
+    cluster = getattr(item, "funcargs", {}).get("cluster")
+    if report.failed and isinstance(cluster, Cluster):
+        report.sections.append(
+            ("test cluster", f"workdir (component logs in logs/, pod logs in pods/): {cluster.workdir}")
+        )
+    return report
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """etcd + kube-apiserver + kube-controller-manager + fake kubelet + loopback S3."""
+    started = Cluster.start(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture
+def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace named after the test, whose default ServiceAccount exists (pods need it)."""
+    cluster.ensure_running()
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")
+    name = f"{slug[:50].rstrip('-')}-{secrets.token_hex(3)}"
+    with cluster.api_client() as api:
+        core = k8s.CoreV1Api(api)
+        core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
+        deadline = time.monotonic() + 30
+        while not core.list_namespaced_service_account(name, field_selector="metadata.name=default").items:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the default ServiceAccount of namespace {name} did not appear")
+            time.sleep(0.05)
+        yield name
+        try:
+            core.delete_namespace(name, propagation_policy="Background")
+        except ApiException as e:
+            if e.status != 404:  # the test deleted it itself
+                raise
