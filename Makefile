@@ -10,7 +10,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= operator,dev
+EXTRAS ?= operator,trainer,dev
 PYTEST_ARGS ?=
 
 .PHONY: help venv binaries crds crds-check lint test test-unit test-e2e cluster-up demo clean

@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
+import yaml
+from pydantic import ValidationError
+
+from kubetune.api import FineTune, FineTuneTemplate
 from kubetune.api.crds import render_crds
+from kubetune.builders.trainer_config import build_trainer_config, resolve_spec
+
+# Spec fields that hold URIs; relative file:// URIs in them resolve against the current folder.
+_URI_FIELDS = (
+    ("baseModel", "uri"),
+    ("dataset", "train"),
+    ("dataset", "validation"),
+    ("dataset", "eval"),
+    ("output", "uri"),
+    ("evaluation", "generalText"),
+)
 
 
 def _crds(args: argparse.Namespace) -> int:
@@ -31,13 +51,124 @@ def _crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each naming the field as a user wrote it (``spec.training.learningRate``)."""
+    lines = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p not in ("function-after", "function-before"))
+        where = ".".join(p for p in (prefix, loc) if p)
+        lines.append(f"{where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def absolute_file_uris(spec: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``file://./data/train.jsonl`` → ``file:///abs/data/train.jsonl`` (relative to ``base``)."""
+    spec = json.loads(json.dumps(spec))
+    for section, key in _URI_FIELDS:
+        value = (spec.get(section) or {}).get(key)
+        if isinstance(value, str) and value.startswith("file://") and not value.startswith("file:///"):
+            spec[section][key] = "file://" + str((base / value.removeprefix("file://")).resolve())
+    return spec
+
+
+def _load_manifests(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The one FineTune in the file, and any FineTuneTemplates beside it (by name)."""
+    text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+    finetunes, templates = [], {}
+    for doc in yaml.safe_load_all(text):
+        if not isinstance(doc, dict):
+            continue
+        if doc.get("kind") == "FineTune":
+            finetunes.append(doc)
+        elif doc.get("kind") == "FineTuneTemplate":
+            templates[str(doc.get("metadata", {}).get("name"))] = doc
+    if len(finetunes) != 1:
+        raise ValueError(f"{path}: expected exactly one FineTune, found {len(finetunes)}")
+    return finetunes[0], templates
+
+
+def _run(args: argparse.Namespace) -> int:
+    path = Path(args.manifest)
+    try:
+        doc, templates = _load_manifests(path)
+        if args.template:
+            for name, tdoc in _load_manifests_templates(Path(args.template)).items():
+                templates[name] = tdoc
+        finetune = FineTune.model_validate(doc)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        if isinstance(e, ValidationError):
+            print(f"{path}: invalid FineTune:\n{format_validation_error(e)}", file=sys.stderr)
+        else:
+            print(f"kubetune run: {e}", file=sys.stderr)
+        return 2
+    template = None
+    if finetune.spec.template_ref is not None:
+        ref = finetune.spec.template_ref.name
+        if ref not in templates:
+            print(f"{path}: spec.templateRef names {ref!r}; pass it with --template FILE", file=sys.stderr)
+            return 2
+        try:
+            template = FineTuneTemplate.model_validate(templates[ref])
+        except ValidationError as e:
+            print(f"invalid FineTuneTemplate {ref}:\n{format_validation_error(e)}", file=sys.stderr)
+            return 2
+    spec = resolve_spec(absolute_file_uris(doc["spec"], Path.cwd()), template)
+    run_id = args.run_id or time.strftime("local-%Y%m%d-%H%M%S")
+    output = args.output or (spec.output.uri if spec.output and spec.output.uri else None)
+    output = output or "file://" + str(Path.cwd() / ".kubetune" / "runs")
+    if output.startswith("file://") and not output.startswith("file:///"):
+        output = "file://" + str((Path.cwd() / output.removeprefix("file://")).resolve())
+    work_dir = Path(args.work_dir or Path.cwd() / ".kubetune" / "work" / run_id)
+    config = build_trainer_config(
+        finetune.model_copy(update={"metadata": {"namespace": "local", **finetune.metadata}}),
+        spec,
+        run_id=run_id,
+        output_root=output,
+        work_dir=str(work_dir),
+    )
+    work_dir.mkdir(parents=True, exist_ok=True)
+    config_path = work_dir / "config.json"
+    config_path.write_text(config.model_dump_json(indent=2), encoding="utf-8")
+    print(f"kubetune run: {finetune.metadata.get('name')} → {config.output_uri}", file=sys.stderr)
+    command = [sys.executable, "-m", "kubetune_trainer.cli", "run", "--config", str(config_path)]
+    env = dict(os.environ, KUBETUNE_TERMINATION_LOG=str(work_dir / "summary.json"))
+    return subprocess.call(command, env=env)
+
+
+def _load_manifests_templates(path: Path) -> dict[str, dict[str, Any]]:
+    templates = {}
+    for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+        if isinstance(doc, dict) and doc.get("kind") == "FineTuneTemplate":
+            templates[str(doc.get("metadata", {}).get("name"))] = doc
+    if not templates:
+        raise ValueError(f"{path}: no FineTuneTemplate in it")
+    return templates
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kubetune", description=__doc__)
+    parser = argparse.ArgumentParser(prog="kubetune", description="Fine-tune and ship LLM adapters on Kubernetes.")
     sub = parser.add_subparsers(dest="command", required=True)
+
     crds = sub.add_parser("crds", help="write the CustomResourceDefinitions generated from the API models")
     crds.add_argument("--out", default="crds", help="folder to write (default: crds)")
     crds.add_argument("--check", action="store_true", help="exit 1 if the folder differs from the generated CRDs")
     crds.set_defaults(func=_crds)
+
+    run = sub.add_parser(
+        "run",
+        help="run a FineTune manifest on this machine, no cluster needed",
+        description=(
+            "Run the same FineTune manifest you would kubectl apply, here: the same trainer, artifacts and eval "
+            "report. Relative file:// URIs (file://./data/train.jsonl) resolve against the current folder. "
+            "Exit codes are the trainer's: 0 succeeded, 10 bad input, 11 eval gates failed."
+        ),
+    )
+    run.add_argument("manifest", help="YAML file with one FineTune (and optionally its FineTuneTemplate), or -")
+    run.add_argument("--template", help="YAML file with the FineTuneTemplate that spec.templateRef names")
+    run.add_argument("--output", help="artifact root (default: spec.output.uri, else file://./.kubetune/runs)")
+    run.add_argument("--run-id", help="run id (default: local-<timestamp>); reuse one to resume that run")
+    run.add_argument("--work-dir", help="scratch folder (default: ./.kubetune/work/<run id>)")
+    run.set_defaults(func=_run)
     return parser
 
 

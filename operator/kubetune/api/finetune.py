@@ -84,7 +84,10 @@ class Curation(KubeModel):
     )
     near_duplicate_threshold: Annotated[Fraction, Kube(schema_default=True)] = Field(
         default="0.85",
-        description="Jaccard similarity (over word 5-grams) above which two examples are near-duplicates.",
+        description=(
+            "Jaccard similarity above which two examples are near-duplicates (character 5-grams for short "
+            "texts, word 5-grams for long ones)."
+        ),
     )
     min_tokens: Annotated[int, Kube(schema_default=True)] = Field(
         default=2, ge=1, le=1_000_000, description="Examples with fewer tokens than this are dropped."

@@ -1,0 +1,124 @@
+"""Generate the support-ticket routing dataset used by the quickstart, `make demo` and the tests.
+
+Each example is a customer message and the queue it belongs to (e.g.
+``BILLING/REFUND``). A small base model cannot route these from a few
+examples in its prompt; a small adapter learns it: the demo shows a
+fine-tune beating its prompted baseline, as a fine-tune that ships must.
+
+The training file deliberately carries the faults curation exists for: exact
+and near duplicates, an invalid line, an empty response, and copies of
+held-out eval examples (leakage). Run ``python generate.py`` to rewrite the
+files; the output is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+QUEUES: dict[str, list[str]] = {
+    "BILLING/REFUND": [
+        "I was charged twice for {item} and want my money back",
+        "please refund the {item} I returned last week",
+        "there is a double charge for {item} on my card",
+        "I cancelled {item} but still paid for it, refund please",
+    ],
+    "BILLING/INVOICE": [
+        "I need an invoice for {item} with our company address",
+        "the receipt for {item} shows the wrong billing address",
+        "can you send a copy of the invoice for order {order}",
+        "our accounting team needs a VAT invoice for {item}",
+    ],
+    "ACCOUNT/PASSWORD": [
+        "I forgot my password and the reset email never arrives",
+        "I cannot log in, the password reset link has expired",
+        "my login fails after I changed my password yesterday",
+        "please help me reset the password of my account",
+    ],
+    "ACCOUNT/DELETE": [
+        "please delete my account and all my data",
+        "I want to close my account permanently",
+        "how do I remove my profile and personal data for good",
+        "cancel my membership and erase my account",
+    ],
+    "SHIPPING/DELAY": [
+        "where is my order {order}, it is a week late",
+        "the tracking for {item} has not moved for days",
+        "my package with {item} still has not arrived",
+        "order {order} was due on {day} and never came",
+    ],
+    "SHIPPING/DAMAGED": [
+        "the {item} arrived broken in a crushed box",
+        "my {item} was damaged during delivery",
+        "the box for order {order} came wet and the {item} is cracked",
+        "I received a scratched and dented {item}",
+    ],
+    "PRODUCT/BUG": [
+        "the app crashes every time I open the {item} page",
+        "I get an error message when I pay for {item}",
+        "the {item} screen freezes after the last update",
+        "search shows no results for {item} although it is in stock",
+    ],
+    "PRODUCT/FEATURE": [
+        "it would be great if the app had a dark mode for {item}",
+        "please add an option to export my {item} history",
+        "could you support paying for {item} in instalments",
+        "I would love a wishlist where I can save {item}",
+    ],
+}
+ITEMS = [
+    "the blue kettle",
+    "a desk lamp",
+    "the winter jacket",
+    "two coffee mugs",
+    "the running shoes",
+    "a phone case",
+    "the garden chair",
+    "my headphones",
+    "the yoga mat",
+    "a backpack",
+    "the toaster",
+    "a set of towels",
+    "the bike light",
+    "a wool scarf",
+    "the monitor stand",
+]
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"]
+OPENERS = ["", "Hi, ", "Hello, ", "Good morning, ", "Hey team, ", "Dear support, "]
+CLOSERS = ["", " Thanks.", " Thank you!", " Regards, Sam", " Please help.", " Cheers"]
+
+
+def ticket(rng: random.Random, queue: str) -> dict[str, str]:
+    body = rng.choice(QUEUES[queue]).format(
+        item=rng.choice(ITEMS), order=f"#{rng.randint(10000, 99999)}", day=rng.choice(DAYS)
+    )
+    text = rng.choice(OPENERS) + body + "." + rng.choice(CLOSERS)
+    return {"prompt": "Route this support ticket: " + text[0].upper() + text[1:], "response": queue}
+
+
+def main() -> None:
+    rng = random.Random(7)
+    queues = sorted(QUEUES)
+    out = Path(__file__).parent
+    heldout = [ticket(rng, queues[i % len(queues)]) for i in range(96)]
+    validation = [ticket(rng, queues[i % len(queues)]) for i in range(48)]
+    train = [ticket(rng, rng.choice(queues)) for _ in range(560)]
+    # The faults curation is for: duplicates, near-duplicates, leakage, broken records.
+    train += [dict(t) for t in rng.sample(train, 20)]
+    near = []
+    for t in rng.sample(train, 10):
+        near.append({"prompt": t["prompt"].replace("Route this", "Please route this"), "response": t["response"]})
+    train += near
+    train += [dict(t) for t in rng.sample(heldout, 8)]
+    rng.shuffle(train)
+    lines = [json.dumps(t) for t in train]
+    lines.insert(37, '{"prompt": "Route this support ticket: my order is late", "response": ""}')
+    lines.insert(120, '{"prompt": "Route this support ticket: broken json", "response": "SHIPPING/DELAY"')
+    (out / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (out / "val.jsonl").write_text("".join(json.dumps(t) + "\n" for t in validation))
+    (out / "heldout.jsonl").write_text("".join(json.dumps(t) + "\n" for t in heldout))
+
+
+if __name__ == "__main__":
+    main()

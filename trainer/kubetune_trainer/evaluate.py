@@ -1,0 +1,411 @@
+"""Evaluation: does the fine-tune beat the base model and a well-prompted baseline?
+
+Three candidates answer every held-out example with greedy decoding:
+
+- ``fine_tuned`` — the base model with the adapter, given the example's prompt;
+- ``base`` — the un-tuned base model, same prompt (zero-shot);
+- ``prompted`` — the un-tuned base model with a system prompt and k few-shot
+  examples from the training set: what you get without fine-tuning.
+
+Each is scored on the task metrics, and each records its mean prompt tokens
+and mean latency per example, so the report shows what the fine-tune saves
+over prompting, not only whether it is better. ``loss`` is the mean token loss
+on the eval responses (teacher-forced); ``perplexity`` is measured on a
+general-text sample and is the catastrophic-forgetting check.
+
+Gates turn scores into a ship/no-ship decision. With no gates configured the
+fine-tune must beat every enabled baseline on the headline metric: a
+fine-tune that does not beat good prompting must not ship.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+import string
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from typing import Any
+
+import torch
+
+from kubetune_trainer.config import EvaluationConfig, GateConfig, LiftOverConfig
+from kubetune_trainer.data import Example, collate, encode, render_prompt
+from kubetune_trainer.modeling import Runtime
+
+log = logging.getLogger(__name__)
+
+LOWER_IS_BETTER = ("loss", "perplexity")
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer exactly in the format the examples show."
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def normalize(text: str) -> str:
+    text = text.casefold().strip()
+    text = text.strip(string.punctuation + string.whitespace)
+    return re.sub(r"\s+", " ", text)
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalize(prediction) == normalize(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    pred, ref = normalize(prediction).split(), normalize(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def contains(prediction: str, reference: str) -> float:
+    return float(normalize(reference) in normalize(prediction))
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text.strip())
+    except (json.JSONDecodeError, ValueError):
+        return None
+
+
+def json_valid(prediction: str, reference: str) -> float:
+    return float(_json(prediction) is not None)
+
+
+def json_field_match(prediction: str, reference: str) -> float:
+    """Share of the reference object's top-level fields the prediction reproduces exactly."""
+    ref, pred = _json(reference), _json(prediction)
+    if not isinstance(ref, dict) or not ref:
+        return float(ref == pred)
+    if not isinstance(pred, dict):
+        return 0.0
+    return sum(1 for k, v in ref.items() if pred.get(k) == v) / len(ref)
+
+
+TEXT_METRICS: dict[str, Callable[[str, str], float]] = {
+    "exact_match": exact_match,
+    "token_f1": token_f1,
+    "contains": contains,
+    "json_valid": json_valid,
+    "json_field_match": json_field_match,
+}
+
+# ----------------------------------------------------------------------------- candidates
+
+
+@dataclass
+class CandidateResult:
+    name: str
+    metrics: dict[str, float]
+    prompt_tokens_mean: float
+    latency_ms_mean: float
+    samples: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class GateResult:
+    metric: str
+    rule: str
+    value: float | None
+    threshold: float | None
+    passed: bool
+    message: str
+
+
+@dataclass
+class Report:
+    headline: str
+    candidates: dict[str, CandidateResult]
+    gates: list[GateResult]
+    passed: bool
+    examples: int
+    general_perplexity: dict[str, float]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "headline_metric": self.headline,
+            "examples": self.examples,
+            "passed": self.passed,
+            "candidates": {k: asdict(v) for k, v in self.candidates.items()},
+            "gates": [asdict(g) for g in self.gates],
+            "general_perplexity": self.general_perplexity,
+        }
+
+
+def few_shot_prompt(
+    example: Example, shots: Sequence[Example], system_prompt: str | None
+) -> tuple[dict[str, str], ...]:
+    """The prompted baseline's conversation: system prompt, k solved examples, then the question."""
+    messages: list[dict[str, str]] = [{"role": "system", "content": system_prompt or DEFAULT_SYSTEM_PROMPT}]
+    for shot in shots:
+        messages += [m for m in shot.prompt if m["role"] != "system"]
+        messages.append({"role": "assistant", "content": shot.response})
+    messages += [m for m in example.prompt if m["role"] != "system"]
+    return tuple(messages)
+
+
+@torch.no_grad()
+def generate(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int, runtime: Runtime) -> str:
+    ids = torch.tensor([prompt_ids], device=runtime.device)
+    autocast = torch.autocast(runtime.device.type, dtype=runtime.autocast) if runtime.autocast else nullcontext()
+    with autocast:
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    text: str = tokenizer.decode(out[0, len(prompt_ids) :], skip_special_tokens=True)
+    return text.strip()
+
+
+def score_candidate(
+    name: str,
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    prompts: Sequence[tuple[dict[str, str], ...]],
+    cfg: EvaluationConfig,
+    runtime: Runtime,
+    max_prompt_tokens: int,
+) -> CandidateResult:
+    text_metrics = [m for m in cfg.metrics if m in TEXT_METRICS]
+    sums = dict.fromkeys(text_metrics, 0.0)
+    prompt_tokens = 0
+    latency = 0.0
+    samples: list[dict[str, str]] = []
+    for example, prompt in zip(examples, prompts, strict=True):
+        ids = render_prompt(tokenizer, prompt)[-max_prompt_tokens:]
+        prompt_tokens += len(ids)
+        started = time.perf_counter()
+        prediction = generate(model, tokenizer, ids, cfg.max_new_tokens, runtime)
+        latency += time.perf_counter() - started
+        for metric in text_metrics:
+            sums[metric] += TEXT_METRICS[metric](prediction, example.response)
+        if len(samples) < 10:
+            samples.append({"source": example.source, "prediction": prediction, "reference": example.response})
+    n = max(len(examples), 1)
+    return CandidateResult(
+        name=name,
+        metrics={m: round(v / n, 4) for m, v in sums.items()},
+        prompt_tokens_mean=round(prompt_tokens / n, 1),
+        latency_ms_mean=round(1000 * latency / n, 2),
+        samples=samples,
+    )
+
+
+@torch.no_grad()
+def response_loss(model: Any, tokenizer: Any, examples: Sequence[Example], max_len: int, runtime: Runtime) -> float:
+    """Mean token loss on the reference responses, teacher-forced."""
+    encoded = [e for e in (encode(tokenizer, x, max_len) for x in examples) if any(t != -100 for t in e.labels)]
+    total, count = 0.0, 0
+    for i in range(0, len(encoded), 8):
+        batch = collate(encoded[i : i + 8], tokenizer.pad_token_id)
+        n = int(batch["num_target_tokens"])
+        out = model(
+            input_ids=batch["input_ids"].to(runtime.device),
+            attention_mask=batch["attention_mask"].to(runtime.device, runtime.dtype),
+            position_ids=batch["position_ids"].to(runtime.device),
+            labels=batch["labels"].to(runtime.device),
+        )
+        total += float(out.loss) * n
+        count += n
+    return total / max(count, 1)
+
+
+def general_text_sample() -> str:
+    return resources.files("kubetune_trainer").joinpath("general_text.txt").read_text(encoding="utf-8")
+
+
+@torch.no_grad()
+def text_perplexity(model: Any, tokenizer: Any, text: str, max_len: int, runtime: Runtime) -> float:
+    ids = tokenizer(text)["input_ids"]
+    total, count = 0.0, 0
+    window = max(16, min(max_len, 512))
+    for start in range(0, max(len(ids) - 1, 1), window):
+        chunk = torch.tensor([ids[start : start + window]], device=runtime.device)
+        if chunk.shape[1] < 2:
+            break
+        loss = float(model(input_ids=chunk, labels=chunk).loss)
+        total += loss * (chunk.shape[1] - 1)
+        count += chunk.shape[1] - 1
+    return math.exp(total / max(count, 1))
+
+
+# ----------------------------------------------------------------------------- gates
+
+
+def _value(report: Report, candidate: str, metric: str) -> float | None:
+    c = report.candidates.get(candidate)
+    return None if c is None else c.metrics.get(metric)
+
+
+def evaluate_gate(gate: GateConfig, report: Report) -> GateResult:
+    metric = gate.metric
+    value = _value(report, "fine_tuned", metric)
+    lower_better = metric in LOWER_IS_BETTER
+
+    def result(rule: str, threshold: float | None, ok: bool, why: str) -> GateResult:
+        return GateResult(metric, rule, value, None if threshold is None else round(threshold, 4), ok, why)
+
+    if value is None:
+        return result("metric present", None, False, f"{metric} was not measured for the fine-tune")
+    if gate.min is not None:
+        ok = value >= gate.min
+        return result(f"min {gate.min}", gate.min, ok, f"{metric} {value:.4f} {'>=' if ok else '<'} {gate.min}")
+    if gate.max is not None:
+        ok = value <= gate.max
+        return result(f"max {gate.max}", gate.max, ok, f"{metric} {value:.4f} {'<=' if ok else '>'} {gate.max}")
+    if gate.min_lift_over is not None:
+        baseline, by = gate.min_lift_over.baseline, gate.min_lift_over.by
+        other = _value(report, baseline, metric)
+        rule = f"minLiftOver {baseline} by {by}"
+        if other is None:
+            return result(rule, None, False, f"baseline {baseline} has no {metric} score")
+        threshold = other - by if lower_better else other + by
+        lift = (other - value) if lower_better else (value - other)
+        # "by 0" means strictly better: a tie with the baseline is no reason to ship.
+        ok = lift > 0 if by == 0 else lift >= by - 1e-12
+        need = "> 0" if by == 0 else f">= {by}"
+        return result(
+            rule, threshold, ok, f"{metric} {value:.4f} vs {baseline} {other:.4f}: lift {lift:+.4f} (need {need})"
+        )
+    if gate.max_regression is not None:
+        base = _value(report, "base", metric)
+        rule = f"maxRegression {gate.max_regression}"
+        if base is None:
+            return result(rule, None, False, f"the base model has no {metric} score")
+        if metric == "perplexity":
+            threshold = base * (1 + gate.max_regression)
+            ok = value <= threshold
+            change = (value - base) / base if base else 0.0
+            return result(rule, threshold, ok, f"perplexity {value:.3f} vs base {base:.3f}: {change:+.1%}")
+        threshold = base + gate.max_regression if lower_better else base - gate.max_regression
+        ok = value <= threshold if lower_better else value >= threshold
+        return result(rule, threshold, ok, f"{metric} {value:.4f} vs base {base:.4f}")
+    return result("none", None, False, "gate has no rule")
+
+
+def default_gates(cfg: EvaluationConfig) -> list[GateConfig]:
+    """Without configured gates: strictly beat every enabled baseline on the headline metric."""
+    gates = []
+    if cfg.prompted.enabled:
+        gates.append(GateConfig(metric=cfg.headline, min_lift_over=LiftOverConfig(baseline="prompted")))
+    if cfg.base:
+        gates.append(GateConfig(metric=cfg.headline, min_lift_over=LiftOverConfig(baseline="base")))
+    return gates
+
+
+@contextmanager
+def adapter_disabled(model: Any) -> Iterator[None]:
+    """The base model's behaviour from a PEFT model, without a second copy in memory."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield
+    else:
+        yield
+
+
+def run_evaluation(
+    tuned: Any,
+    base: Any | None,
+    tokenizer: Any,
+    eval_set: Sequence[Example],
+    train_set: Sequence[Example],
+    cfg: EvaluationConfig,
+    runtime: Runtime,
+    *,
+    max_seq_length: int,
+    seed: int,
+    general_text: str,
+    on_candidate: Callable[[str], None] | None = None,
+) -> Report:
+    """Score the fine-tune and its baselines; apply the gates.
+
+    ``base`` is a separate base model for full fine-tunes; for adapters it is
+    None and the base is the tuned model with its adapter disabled.
+    """
+    examples = list(eval_set)
+    if cfg.max_examples is not None:
+        examples = examples[: cfg.max_examples]
+    rng = random.Random(seed)
+    shots = rng.sample(list(train_set), min(cfg.prompted.few_shot, len(train_set)))
+    max_prompt = max(16, max_seq_length - cfg.max_new_tokens)
+    zero_shot = [e.prompt for e in examples]
+
+    def base_ctx() -> Any:
+        return nullcontext() if base is not None else adapter_disabled(tuned)
+
+    base_model = base if base is not None else tuned
+    plan: list[tuple[str, Any, Callable[[], Any], Sequence[tuple[dict[str, str], ...]]]] = [
+        ("fine_tuned", tuned, nullcontext, zero_shot)
+    ]
+    if cfg.base:
+        plan.append(("base", base_model, base_ctx, zero_shot))
+    if cfg.prompted.enabled:
+        prompted = [few_shot_prompt(e, shots, cfg.prompted.system_prompt) for e in examples]
+        plan.append(("prompted", base_model, base_ctx, prompted))
+
+    candidates: dict[str, CandidateResult] = {}
+    perplexity: dict[str, float] = {}
+    for name, model, ctx, prompts in plan:
+        if on_candidate:
+            on_candidate(name)
+        with ctx():
+            result = score_candidate(name, model, tokenizer, examples, prompts, cfg, runtime, max_prompt)
+            if "loss" in cfg.metrics or name != "prompted":
+                result.metrics["loss"] = round(response_loss(model, tokenizer, examples, max_seq_length, runtime), 4)
+            if name != "prompted":
+                ppl = text_perplexity(model, tokenizer, general_text, max_seq_length, runtime)
+                perplexity[name] = round(ppl, 4)
+                result.metrics["perplexity"] = round(ppl, 4)
+        candidates[name] = result
+        log.info("%s: %s", name, result.metrics)
+
+    report = Report(cfg.headline, candidates, [], False, len(examples), perplexity)
+    gates = cfg.gates or default_gates(cfg)
+    report.gates = [evaluate_gate(g, report) for g in gates]
+    report.passed = all(g.passed for g in report.gates)
+    return report
+
+
+def markdown(report: Report) -> str:
+    """The report as a Markdown table, for humans and CI logs."""
+    names = list(report.candidates)
+    metrics = sorted({m for c in report.candidates.values() for m in c.metrics})
+    lines = [
+        f"## Evaluation ({report.examples} held-out examples)",
+        "",
+        "| metric | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for m in metrics:
+        row = [f"{report.candidates[n].metrics[m]:.4f}" if m in report.candidates[n].metrics else "-" for n in names]
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    lines.append(
+        "| prompt tokens (mean) | " + " | ".join(f"{report.candidates[n].prompt_tokens_mean:.1f}" for n in names) + " |"
+    )
+    lines.append(
+        "| latency ms (mean) | " + " | ".join(f"{report.candidates[n].latency_ms_mean:.1f}" for n in names) + " |"
+    )
+    lines += ["", "| gate | value | threshold | result |", "|---|---|---|---|"]
+    for g in report.gates:
+        value = "-" if g.value is None else f"{g.value:.4f}"
+        threshold = "-" if g.threshold is None else f"{g.threshold:.4f}"
+        lines.append(f"| {g.metric} {g.rule} | {value} | {threshold} | {'pass' if g.passed else 'FAIL'}: {g.message} |")
+    lines += ["", f"**{'PASSED' if report.passed else 'FAILED'}**", ""]
+    return "\n".join(lines)

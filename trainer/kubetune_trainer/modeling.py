@@ -1,0 +1,156 @@
+"""Loading the base model and applying the fine-tuning method to it.
+
+One place decides device, precision and which modules an adapter targets, so
+training, evaluation and serving agree on them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubetune_trainer.config import MethodConfig
+
+log = logging.getLogger(__name__)
+
+# Projections worth adapting per architecture: attention and MLP. Covering the
+# MLP too is what QLoRA's authors found necessary to match full fine-tuning.
+TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+
+
+class MethodUnavailableError(Exception):
+    """The method cannot run here (e.g. QLoRA without a CUDA GPU): retrying will not help."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype
+    autocast: torch.dtype | None
+
+    @property
+    def precision(self) -> str:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.autocast or self.dtype, "fp32")
+
+
+def pick_runtime(precision: str) -> Runtime:
+    """Device and precision: bf16 where the GPU has it, fp32 on CPU."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        if precision in ("auto", "bf16") and torch.cuda.is_bf16_supported():
+            return Runtime(device, torch.float32, torch.bfloat16)
+        if precision == "bf16":
+            raise MethodUnavailableError("precision bf16 needs a GPU that supports bfloat16")
+        if precision == "fp16":
+            return Runtime(device, torch.float32, torch.float16)
+        return Runtime(device, torch.float32, None)
+    if precision in ("bf16", "fp16"):
+        raise MethodUnavailableError(f"precision {precision} needs a CUDA GPU; use precision: auto or fp32 on CPU")
+    return Runtime(torch.device("cpu"), torch.float32, None)
+
+
+def target_modules(model: Any, requested: list[str] | None) -> list[str]:
+    """The module names an adapter wraps: the request, the architecture's list, or every Linear."""
+    if requested:
+        return requested
+    model_type = getattr(model.config, "model_type", "")
+    if model_type in TARGET_MODULES:
+        return TARGET_MODULES[model_type]
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and "lm_head" not in name
+    }
+    log.info("no target module list for model type %r; adapting every Linear: %s", model_type, sorted(names))
+    return sorted(names)
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(model_dir: Path, method: MethodConfig, runtime: Runtime) -> Any:
+    """The base model on the runtime's device; 4-bit quantized for QLoRA."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": runtime.dtype}
+    if method.type == "QLoRA":
+        if runtime.device.type != "cuda":
+            raise MethodUnavailableError(
+                "QLoRA loads the base model in 4 bits with bitsandbytes, which needs a CUDA GPU; "
+                "use method LoRA or DoRA on CPU, or give the FineTune resources.gpus >= 1"
+            )
+        try:
+            from transformers import BitsAndBytesConfig
+        except ImportError as e:  # pragma: no cover - depends on the image
+            raise MethodUnavailableError("QLoRA needs bitsandbytes in the trainer image") from e
+        kwargs["quantization_config"] = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=runtime.autocast or torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": runtime.device.index or 0}
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if method.type != "QLoRA":
+        model.to(runtime.device)
+    return model
+
+
+def apply_method(model: Any, method: MethodConfig, *, gradient_checkpointing: bool) -> Any:
+    """Wrap the base model for training: a PEFT adapter, or every weight trainable for Full."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if method.type == "Full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if method.type == "QLoRA":
+        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
+            model, use_gradient_checkpointing=gradient_checkpointing
+        )
+    config = LoraConfig(
+        r=method.lora.rank,
+        lora_alpha=method.lora.alpha,
+        lora_dropout=method.lora.dropout,
+        target_modules=target_modules(model, method.lora.target_modules),
+        use_dora=method.type == "DoRA",
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    return get_peft_model(model, config)
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,108 @@
+"""Publishing: the adapter (or full model) and its manifest, write-once, with lineage.
+
+The manifest is what makes an adapter a versioned software artifact: which
+base model (and its digest) it belongs to, which data (and their digests) it
+learned from, with which hyperparameters and package versions, how it scored
+against its baselines, and the sha256 of every file. ``adapter_digest`` is the
+digest over that file listing; serving refuses an adapter whose files do not
+reproduce it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from kubetune_trainer import storage
+from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.progress import now_iso
+
+MANIFEST_KIND = "kubetune.io/adapter-manifest/v1"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "peft", "safetensors", "kubetune"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def artifact_folder(cfg: TrainerConfig) -> str:
+    """``adapter`` for adapter methods, ``model`` for a full fine-tune."""
+    return "model" if cfg.method.type == "Full" else "adapter"
+
+
+def save_artifact(model: Any, tokenizer: Any, cfg: TrainerConfig, dest: Path) -> Path:
+    """Write the PEFT adapter (or the full model with its tokenizer) to ``dest``."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    model.save_pretrained(dest, safe_serialization=True)
+    if cfg.method.type == "Full":
+        tokenizer.save_pretrained(dest)
+    return dest
+
+
+def build_manifest(
+    cfg: TrainerConfig,
+    *,
+    files: dict[str, str],
+    base_model_digest: str,
+    data: dict[str, Any],
+    training: dict[str, Any],
+    evaluation: dict[str, Any],
+    parameters: dict[str, int],
+    promotable: bool,
+) -> dict[str, Any]:
+    folder = artifact_folder(cfg)
+    return {
+        "kind": MANIFEST_KIND,
+        "runId": cfg.run_id,
+        "created": now_iso(),
+        "lineage": cfg.lineage.model_dump(),
+        "method": cfg.method.type,
+        "baseModel": {"uri": cfg.base_model.uri, "revision": cfg.base_model.revision, "digest": base_model_digest},
+        "data": data,
+        "config": cfg.model_dump(mode="json"),
+        "training": training,
+        "evaluation": evaluation,
+        "parameters": parameters,
+        "packages": package_versions(),
+        "artifact": {
+            "uri": storage.join(cfg.output_uri, folder) + "/",
+            "digest": storage.digest_of_files(files),
+            "files": files,
+            "sizeBytes": None,
+        },
+        "promotable": promotable,
+    }
+
+
+def publish(local_artifact: Path, manifest: dict[str, Any], cfg: TrainerConfig, settings: storage.S3Settings) -> None:
+    """Upload the artifact folder, then the manifest; both write-once.
+
+    The manifest goes last: its presence means the run's artifacts are complete.
+    """
+    folder = artifact_folder(cfg)
+    manifest["artifact"]["sizeBytes"] = sum(p.stat().st_size for p in local_artifact.rglob("*") if p.is_file())
+    storage.publish_dir(local_artifact, storage.join(cfg.output_uri, folder), settings)
+    staging = Path(cfg.work_dir) / "manifest"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    storage.publish_dir(staging, cfg.output_uri, settings)
+
+
+def published_manifest(cfg: TrainerConfig, settings: storage.S3Settings) -> dict[str, Any] | None:
+    """The run's manifest if the run already published (a restarted pod must not redo it)."""
+    try:
+        manifest: dict[str, Any] = storage.read_json(storage.join(cfg.output_uri, "manifest.json"), settings)
+    except storage.NotFoundError:
+        return None
+    return manifest

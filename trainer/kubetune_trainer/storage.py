@@ -1,0 +1,392 @@
+"""Artifact storage: models, datasets, checkpoints and adapters behind one interface.
+
+Everything kubetune reads or writes is named by a URI:
+
+- ``s3://bucket/key`` — any S3-compatible store (AWS, MinIO, Ceph RGW, ...)
+  through boto3 with ``endpoint_url``; credentials only from the environment;
+  retries with backoff on transient errors; multipart above 64 MiB.
+- ``file:///path`` — a local folder (laptops, tests, mounted volumes).
+- ``pvc://claim/path`` — a PersistentVolumeClaim mounted at
+  ``$KUBETUNE_PVC_ROOT/<claim>`` (``/mnt/pvc`` in pods).
+- ``hf://org/name`` — read-only, a model hub through ``huggingface_hub``
+  (honours ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE``).
+
+Published artifacts are write-once: writing a different file over an existing
+one is refused (:class:`WriteOnceError`); writing the same bytes again is a
+no-op, so a retried publish converges. Every object records its sha256, which
+is what digests are built from.
+
+This module is light (boto3, no torch) so the operator can read progress and
+reports with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+_CHUNK = 1024 * 1024
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+_T = TypeVar("_T")
+
+
+class StorageError(Exception):
+    """The store could not be reached or answered with an error; retrying may help."""
+
+
+class NotFoundError(StorageError):
+    """The object does not exist."""
+
+
+class WriteOnceError(Exception):
+    """An artifact already exists with different content; it is never overwritten."""
+
+
+class InvalidURIError(ValueError):
+    """The URI has no supported scheme or is malformed."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def digest_of_files(files: dict[str, str]) -> str:
+    """``sha256:`` over the canonical listing of relative path -> sha256 hex."""
+    canonical = json.dumps(dict(sorted(files.items())), separators=(",", ":")).encode()
+    return "sha256:" + hashlib.sha256(canonical).hexdigest()
+
+
+def digest_of_dir(root: Path) -> tuple[str, dict[str, str]]:
+    """The folder's digest and the sha256 of each file in it."""
+    files = {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    return digest_of_files(files), files
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join URI path segments with exactly one slash between them."""
+    out = uri.rstrip("/")
+    for part in parts:
+        out += "/" + part.strip("/")
+    return out
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint: str | None = None
+    region: str = "us-east-1"
+
+
+class Store(ABC):
+    """One bucket or folder. Keys are ``/``-separated paths below its root."""
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def write_bytes(self, key: str, data: bytes, *, sha256: str | None = None) -> None: ...
+
+    @abstractmethod
+    def download(self, key: str, dest: Path) -> None: ...
+
+    @abstractmethod
+    def upload(self, src: Path, key: str, *, sha256: str) -> None: ...
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[str]:
+        """Keys under ``prefix`` (full keys, sorted)."""
+
+    @abstractmethod
+    def stored_sha256(self, key: str) -> str | None:
+        """The sha256 recorded for ``key``, or None when the key does not exist."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> int: ...
+
+
+class FileStore(Store):
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root.resolve() not in (path, *path.parents):
+            raise InvalidURIError(f"key {key!r} escapes {self.root}")
+        return path
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError as e:
+            raise NotFoundError(f"{self._path(key)} does not exist") from e
+
+    def write_bytes(self, key: str, data: bytes, *, sha256: str | None = None) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_bytes(data)
+        tmp.replace(path)  # readers never see a half-written file
+
+    def download(self, key: str, dest: Path) -> None:
+        src = self._path(key)
+        if not src.is_file():
+            raise NotFoundError(f"{src} does not exist")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+
+    def upload(self, src: Path, key: str, *, sha256: str) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        shutil.copyfile(src, tmp)
+        tmp.replace(path)
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if base.is_file():
+            return [prefix]
+        if not base.is_dir():
+            return []
+        root = self.root.resolve()
+        return sorted(
+            p.resolve().relative_to(root).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.endswith(".part")
+        )
+
+    def stored_sha256(self, key: str) -> str | None:
+        path = self._path(key)
+        return sha256_file(path) if path.is_file() else None
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list(prefix)
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
+        return len(keys)
+
+
+class S3Store(Store):
+    """A bucket on an S3-compatible server."""
+
+    def __init__(self, bucket: str, settings: S3Settings, *, attempts: int = 6) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.attempts = attempts
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=settings.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or None,
+            region_name=settings.region,
+            config=Config(
+                retries={"max_attempts": 3, "mode": "standard"},
+                connect_timeout=10,
+                read_timeout=60,
+                s3={"addressing_style": "path"},
+                signature_version="s3v4",
+            ),
+        )
+        self.transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
+
+    def _call(self, what: str, fn: Callable[[], _T]) -> _T:
+        """Run one S3 call, retrying transient failures with exponential backoff."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        delay = 0.5
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return fn()
+            except ClientError as e:
+                code = str(e.response.get("Error", {}).get("Code", ""))
+                status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+                if code in ("NoSuchKey", "404", "NotFound"):
+                    raise NotFoundError(f"s3://{self.bucket}/{what} does not exist") from e
+                if code == "NoSuchBucket":
+                    raise NotFoundError(f"bucket {self.bucket!r} does not exist") from e
+                if status < 500 and code not in ("SlowDown", "RequestTimeout", "Throttling"):
+                    raise StorageError(f"s3://{self.bucket}/{what}: {code or status}: {e}") from e
+                error: Exception = e
+            except BotoCoreError as e:
+                error = e
+            if attempt == self.attempts:
+                raise StorageError(f"s3://{self.bucket}/{what}: gave up after {attempt} attempts: {error}") from error
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+        raise AssertionError("unreachable")
+
+    def read_bytes(self, key: str) -> bytes:
+        def get() -> bytes:
+            data: bytes = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            return data
+
+        return self._call(key, get)
+
+    def write_bytes(self, key: str, data: bytes, *, sha256: str | None = None) -> None:
+        digest = sha256 or hashlib.sha256(data).hexdigest()
+        self._call(
+            key,
+            lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data, Metadata={"sha256": digest}),
+        )
+
+    def download(self, key: str, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        self._call(key, lambda: self.client.download_file(self.bucket, key, str(tmp), Config=self.transfer))
+        tmp.replace(dest)
+
+    def upload(self, src: Path, key: str, *, sha256: str) -> None:
+        self._call(
+            key,
+            lambda: self.client.upload_file(
+                str(src), self.bucket, key, ExtraArgs={"Metadata": {"sha256": sha256}}, Config=self.transfer
+            ),
+        )
+
+    def list(self, prefix: str) -> list[str]:
+        def pages() -> list[str]:
+            keys: list[str] = []
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                keys += [obj["Key"] for obj in page.get("Contents", [])]
+            return sorted(keys)
+
+        return self._call(prefix, pages)
+
+    def stored_sha256(self, key: str) -> str | None:
+        try:
+            head: dict[str, Any] = self._call(key, lambda: self.client.head_object(Bucket=self.bucket, Key=key))
+        except NotFoundError:
+            return None
+        recorded = head.get("Metadata", {}).get("sha256")
+        if recorded:
+            return str(recorded)
+        # Written by something other than kubetune: hash the content itself.
+        return hashlib.sha256(self.read_bytes(key)).hexdigest()
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list(prefix)
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
+            self._call(prefix, partial(self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": batch}))
+        return len(keys)
+
+
+@dataclass(frozen=True)
+class Location:
+    """A store and a key (or key prefix) in it."""
+
+    store: Store
+    key: str
+    uri: str
+
+    def child(self, *parts: str) -> Location:
+        key = "/".join(p.strip("/") for p in (self.key, *parts) if p.strip("/"))
+        return Location(self.store, key, join(self.uri, *parts))
+
+
+def resolve(uri: str, settings: S3Settings | None = None) -> Location:
+    """The store and key a ``s3://``, ``file://`` or ``pvc://`` URI names."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise InvalidURIError(f"{uri}: s3:// URIs need a bucket, e.g. s3://bucket/key")
+        return Location(S3Store(parsed.netloc, settings or S3Settings()), parsed.path.lstrip("/"), uri)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise InvalidURIError(f"{uri}: file:// URIs are absolute paths, e.g. file:///data/train.jsonl")
+        path = Path(parsed.path)
+        return Location(FileStore(Path(path.anchor or "/")), path.as_posix().lstrip("/"), uri)
+    if parsed.scheme == "pvc":
+        root = Path(os.environ.get("KUBETUNE_PVC_ROOT", "/mnt/pvc")) / parsed.netloc
+        return Location(FileStore(root), parsed.path.lstrip("/"), uri)
+    if parsed.scheme == "hf":
+        raise InvalidURIError(f"{uri}: hf:// is read-only; use fetch_model() to read it")
+    raise InvalidURIError(f"{uri}: unsupported scheme {parsed.scheme!r} (use s3://, file:// or pvc://)")
+
+
+def read_json(uri: str, settings: S3Settings | None = None) -> Any:
+    loc = resolve(uri, settings)
+    return json.loads(loc.store.read_bytes(loc.key))
+
+
+def write_json(uri: str, value: Any, settings: S3Settings | None = None) -> None:
+    loc = resolve(uri, settings)
+    loc.store.write_bytes(loc.key, json.dumps(value, indent=2, sort_keys=True).encode())
+
+
+def fetch_file(uri: str, dest: Path, settings: S3Settings | None = None) -> Path:
+    """Download one file (``hf://`` not supported: datasets come from s3/file/pvc)."""
+    loc = resolve(uri, settings)
+    loc.store.download(loc.key, dest)
+    return dest
+
+
+def _iter_prefix(loc: Location) -> Iterator[tuple[str, str]]:
+    prefix = loc.key.rstrip("/") + "/" if loc.key else ""
+    for key in loc.store.list(prefix):
+        yield key, key[len(prefix) :]
+
+
+def fetch_dir(uri: str, dest: Path, settings: S3Settings | None = None, *, revision: str | None = None) -> Path:
+    """Download every file under ``uri`` into ``dest``; ``hf://org/name`` goes through the hub client."""
+    if uri.startswith("hf://"):
+        from huggingface_hub import snapshot_download
+
+        repo = uri.removeprefix("hf://").strip("/")
+        return Path(snapshot_download(repo_id=repo, revision=revision, local_dir=str(dest)))
+    loc = resolve(uri, settings)
+    found = False
+    for key, rel in _iter_prefix(loc):
+        loc.store.download(key, dest / rel)
+        found = True
+    if not found:
+        raise NotFoundError(f"{uri}: no files there")
+    return dest
+
+
+def upload_dir(src: Path, uri: str, settings: S3Settings | None = None) -> dict[str, str]:
+    """Upload a folder (overwriting); returns relative path -> sha256."""
+    loc = resolve(uri, settings)
+    files: dict[str, str] = {}
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        rel = path.relative_to(src).as_posix()
+        files[rel] = sha256_file(path)
+        loc.store.upload(path, loc.child(rel).key, sha256=files[rel])
+    return files
+
+
+def publish_dir(src: Path, uri: str, settings: S3Settings | None = None) -> dict[str, str]:
+    """Upload a folder write-once; returns relative path -> sha256.
+
+    Every file is checked before anything is written, so a refused publish
+    leaves the store as it was.
+    """
+    loc = resolve(uri, settings)
+    files = {p.relative_to(src).as_posix(): sha256_file(p) for p in sorted(src.rglob("*")) if p.is_file()}
+    pending = []
+    for rel, digest in files.items():
+        existing = loc.store.stored_sha256(loc.child(rel).key)
+        if existing is None:
+            pending.append(rel)
+        elif existing != digest:
+            raise WriteOnceError(
+                f"{join(uri, rel)} already exists with different content (sha256 {existing[:12]}... != "
+                f"{digest[:12]}...); published artifacts are never overwritten"
+            )
+    for rel in pending:
+        loc.store.upload(src / rel, loc.child(rel).key, sha256=files[rel])
+    return files

@@ -1,0 +1,326 @@
+"""The training loop: resumable, checkpointed to the artifact store, honest about throughput.
+
+A plain PyTorch loop rather than ``transformers.Trainer``: the checkpoint has
+to live in the artifact store (a rescheduled pod has a fresh disk) and carry
+everything a resume needs — adapter or model weights, optimizer, scheduler,
+RNG states and the position in the data — and progress has to reach
+``progress.json``. Both are a few lines here and a fight with callbacks there.
+
+A checkpoint is complete only once its ``COMPLETE`` marker is written, after
+every other file; a pod killed mid-upload leaves an incomplete checkpoint that
+resume ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubetune_trainer import storage
+from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.data import Encoded, Packed, collate, pack
+from kubetune_trainer.modeling import Runtime
+from kubetune_trainer.progress import ProgressReporter
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs: float
+    final_loss: float | None
+    final_eval_loss: float | None
+    tokens_per_second: float
+    train_seconds: float
+    resumed_from_step: int | None
+
+
+@dataclass
+class _State:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    tokens: int = 0
+
+
+def _batches(examples: Sequence[Encoded], cfg: TrainerConfig) -> list[list[Packed] | list[Encoded]]:
+    """Fixed micro-batches (packed or not); their order is shuffled per epoch."""
+    max_len = cfg.training.max_seq_length
+    units: list[Any] = pack(examples, max_len) if cfg.training.packing else list(examples)
+    # Sort by length so micro-batches pad little, then batch; shuffling whole batches keeps that.
+    units.sort(key=lambda u: len(u.input_ids))
+    size = cfg.training.batch_size
+    return [units[i : i + size] for i in range(0, len(units), size)]
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    warmup = int(cfg.training.warmup_ratio * total_steps)
+    name = {"constant": "constant_with_warmup"}.get(cfg.training.lr_scheduler, cfg.training.lr_scheduler)
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def _to_device(batch: dict[str, torch.Tensor], runtime: Runtime) -> dict[str, torch.Tensor]:
+    return {k: v.to(runtime.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def _forward_loss(model: Any, batch: dict[str, torch.Tensor], runtime: Runtime) -> torch.Tensor:
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels")}
+    mask = inputs["attention_mask"]
+    if mask.dim() == 4:
+        inputs["attention_mask"] = mask.to(runtime.autocast or runtime.dtype)
+    with torch.autocast(runtime.device.type, dtype=runtime.autocast, enabled=runtime.autocast is not None):
+        out = model(**inputs)
+    loss: torch.Tensor = out.loss
+    return loss
+
+
+@torch.no_grad()
+def validation_loss(
+    model: Any, examples: Sequence[Encoded], cfg: TrainerConfig, runtime: Runtime, pad_id: int
+) -> float:
+    """Mean loss per target token over the validation set."""
+    if not examples:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))
+    for i in range(0, len(ordered), cfg.training.batch_size):
+        batch = collate(ordered[i : i + cfg.training.batch_size], pad_id)
+        n = int(batch["num_target_tokens"])
+        if n == 0:
+            continue
+        loss = _forward_loss(model, _to_device(batch, runtime), runtime)
+        total += float(loss) * n
+        count += n
+    if was_training:
+        model.train()
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _trainable_state(model: Any, full: bool) -> dict[str, torch.Tensor]:
+    if full:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def save_checkpoint(
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: _State,
+    cfg: TrainerConfig,
+    settings: storage.S3Settings,
+) -> str:
+    """Write a checkpoint locally, upload it, then mark it complete. Returns its URI."""
+    from safetensors.torch import save_file
+
+    name = f"step-{state.step:08d}"
+    local = Path(cfg.work_dir) / "checkpoints" / name
+    shutil.rmtree(local, ignore_errors=True)
+    local.mkdir(parents=True)
+    save_file(_trainable_state(model, cfg.method.type == "Full"), str(local / "weights.safetensors"))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {
+                "python": random.getstate(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        },
+        local / "trainer_state.pt",
+    )
+    (local / "position.json").write_text(json.dumps(state.__dict__))
+    uri = storage.join(cfg.output_uri, "checkpoints", name)
+    files = storage.upload_dir(local, uri, settings)
+    marker = {"step": state.step, "files": files, "created": time.time()}
+    storage.write_json(storage.join(uri, COMPLETE), marker, settings)
+    shutil.rmtree(local, ignore_errors=True)
+    log.info("checkpoint %s written", uri)
+    return uri
+
+
+def newest_checkpoint(cfg: TrainerConfig, settings: storage.S3Settings) -> tuple[str, int] | None:
+    """The newest complete checkpoint of this run: (uri, step)."""
+    loc = storage.resolve(storage.join(cfg.output_uri, "checkpoints"), settings)
+    prefix = loc.key.rstrip("/") + "/"
+    steps = []
+    for key in loc.store.list(prefix):
+        rel = key[len(prefix) :]
+        if rel.endswith("/" + COMPLETE) and rel.count("/") == 1:
+            name = rel.split("/", 1)[0]
+            steps.append((int(name.removeprefix("step-")), name))
+    if not steps:
+        return None
+    step, name = max(steps)
+    return storage.join(cfg.output_uri, "checkpoints", name), step
+
+
+def load_checkpoint(
+    uri: str,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    cfg: TrainerConfig,
+    settings: storage.S3Settings,
+) -> _State:
+    from safetensors.torch import load_file
+
+    local = Path(cfg.work_dir) / "resume"
+    shutil.rmtree(local, ignore_errors=True)
+    storage.fetch_dir(uri, local, settings)
+    weights = load_file(str(local / "weights.safetensors"))
+    if cfg.method.type == "Full":
+        model.load_state_dict(weights)
+    else:
+        missing = set(weights) - {k for k, _ in model.named_parameters()}
+        if missing:
+            raise ValueError(f"checkpoint {uri} does not match the model: unknown tensors {sorted(missing)[:3]}")
+        model.load_state_dict(weights, strict=False)
+    saved = torch.load(local / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    random.setstate(saved["rng"]["python"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    if saved["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    state = _State(**json.loads((local / "position.json").read_text()))
+    shutil.rmtree(local, ignore_errors=True)
+    return state
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(
+    model: Any,
+    train_set: Sequence[Encoded],
+    validation_set: Sequence[Encoded],
+    cfg: TrainerConfig,
+    runtime: Runtime,
+    pad_id: int,
+    progress: ProgressReporter,
+    settings: storage.S3Settings,
+) -> TrainResult:
+    """Train ``model`` in place; resume from the run's newest complete checkpoint if there is one."""
+    tc = cfg.training
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    batches = _batches(train_set, cfg)
+    if not batches:
+        raise ValueError("no training batches: every example was dropped or truncated away")
+    steps_per_epoch = math.ceil(len(batches) / tc.gradient_accumulation_steps)
+    total_steps = tc.max_steps or tc.epochs * steps_per_epoch
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    scheduler = _scheduler(optimizer, cfg, total_steps)
+
+    state = _State()
+    resumed_from = None
+    found = newest_checkpoint(cfg, settings)
+    if found is not None:
+        uri, step = found
+        state = load_checkpoint(uri, model, optimizer, scheduler, cfg, settings)
+        resumed_from = state.step
+        progress.stage("train", f"resumed from checkpoint at step {step}")
+    else:
+        progress.stage("train", f"{total_steps} steps, {len(batches)} micro-batches per epoch")
+
+    eval_every = tc.eval_every_steps or steps_per_epoch
+    progress.update(total_steps=total_steps, step=state.step)
+    model.train()
+    started = time.monotonic()
+    tokens_at_start = state.tokens
+    last_loss: float | None = None
+    last_eval: float | None = None
+    window: list[float] = []
+
+    while state.step < total_steps:
+        order = _epoch_order(len(batches), tc.seed, state.epoch)
+        while state.batch_in_epoch < len(batches) and state.step < total_steps:
+            micro = [batches[order[i]] for i in range(state.batch_in_epoch, len(batches))][
+                : tc.gradient_accumulation_steps
+            ]
+            collated = [collate(b, pad_id) for b in micro]
+            targets = sum(int(b["num_target_tokens"]) for b in collated)
+            step_loss = 0.0
+            for batch in collated:
+                n = int(batch["num_target_tokens"])
+                if n == 0:
+                    continue
+                loss = _forward_loss(model, _to_device(batch, runtime), runtime)
+                # Weight micro-batches by their target tokens so accumulation equals one big batch.
+                (loss * n / max(targets, 1)).backward()  # type: ignore[no-untyped-call]
+                step_loss += float(loss) * n / max(targets, 1)
+                state.tokens += int(batch["num_tokens"])
+            torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.batch_in_epoch += len(micro)
+            window.append(step_loss)
+            del window[:-20]
+            last_loss = sum(window) / len(window)
+
+            elapsed = time.monotonic() - started
+            tps = (state.tokens - tokens_at_start) / elapsed if elapsed > 0 else 0.0
+            done_steps = state.step - (resumed_from or 0)
+            eta = elapsed / done_steps * (total_steps - state.step) if done_steps else None
+            epoch = state.epoch + state.batch_in_epoch / len(batches)
+            if state.step % eval_every == 0 or state.step == total_steps:
+                last_eval = validation_loss(model, validation_set, cfg, runtime, pad_id)
+                progress.record(step=state.step, loss=round(last_loss, 4), eval_loss=round(last_eval, 4))
+                log.info("step %d/%d loss %.4f val %.4f", state.step, total_steps, last_loss, last_eval)
+            progress.update(
+                step=state.step,
+                epoch=round(epoch, 3),
+                loss=round(last_loss, 4),
+                eval_loss=None if last_eval is None else round(last_eval, 4),
+                tokens_per_second=round(tps, 1),
+                eta_seconds=None if eta is None else round(eta, 1),
+            )
+            if state.step % tc.checkpoint_every_steps == 0 and state.step < total_steps:
+                save_checkpoint(model, optimizer, scheduler, state, cfg, settings)
+                progress.update(message=f"checkpoint at step {state.step}")
+        if state.batch_in_epoch >= len(batches):
+            state.epoch += 1
+            state.batch_in_epoch = 0
+
+    elapsed = time.monotonic() - started
+    model.eval()
+    return TrainResult(
+        steps=state.step,
+        epochs=round(state.epoch + state.batch_in_epoch / len(batches), 3),
+        final_loss=last_loss,
+        final_eval_loss=last_eval,
+        tokens_per_second=(state.tokens - tokens_at_start) / elapsed if elapsed > 0 else 0.0,
+        train_seconds=elapsed,
+        resumed_from_step=resumed_from,
+    )
