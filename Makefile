@@ -58,8 +58,13 @@ test: lint test-unit test-e2e
 cluster-up: venv binaries
 	$(BIN)/python -m tests.cluster up
 
-demo:
-	@echo "make demo arrives with the trainer (issue 3): a local fine-tune of a tiny model with kubetune run."
+DEMO_MODEL := .kubetune/demo/base-model
+
+# The quickstart: build a tiny Llama base model (no hub is needed), then fine-tune
+# it on the support-ticket dataset with the same manifest a cluster would run.
+demo: venv
+	$(BIN)/python -m kubetune_trainer.tiny --out $(DEMO_MODEL) --corpus docs/examples/data/support/train.jsonl
+	$(BIN)/kubetune run docs/examples/finetune-local.yaml
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

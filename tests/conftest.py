@@ -17,14 +17,33 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from tests.cluster import Cluster
+from tests.cluster.s3 import S3Server
 
 E2E_DIR = Path(__file__).parent / "e2e"
 
 
+ROOT = Path(__file__).resolve().parents[1]
+SUPPORT_DATA = ROOT / "docs" / "examples" / "data" / "support"
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (runs on the device machine)")
+    has_gpu = None
     for item in items:
         if item.path.is_relative_to(E2E_DIR):
             item.add_marker(pytest.mark.e2e)
+        if item.get_closest_marker("gpu") is not None:
+            has_gpu = _cuda_available() if has_gpu is None else has_gpu
+            if not has_gpu:
+                item.add_marker(no_gpu)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -47,6 +66,22 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield started
     finally:
         started.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(cluster: Cluster) -> S3Server:
+    """The loopback S3 server (moto in server mode) that the cluster fixture runs."""
+    return cluster.s3
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama base model, briefly pretrained on the support-ticket corpus (~10 s on 2 cores)."""
+    from kubetune_trainer.evaluate import general_text_sample
+    from kubetune_trainer.tiny import build_tiny_model, corpus_from_jsonl
+
+    texts = corpus_from_jsonl(SUPPORT_DATA / "train.jsonl") + general_text_sample().split("\n\n")
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), texts, pretrain_steps=200)
 
 
 @pytest.fixture

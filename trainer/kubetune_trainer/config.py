@@ -43,6 +43,7 @@ class StorageConfig(_Config):
 
     endpoint: str | None = Field(default=None, description="S3 endpoint URL; None means AWS.")
     region: str = Field(default="us-east-1", description="Region for the S3 client.")
+    attempts: int = Field(default=6, ge=1, le=20, description="Tries per storage call before giving up.")
 
 
 class ModelConfig(_Config):

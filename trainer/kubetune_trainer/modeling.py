@@ -40,6 +40,10 @@ class MethodUnavailableError(Exception):
     """The method cannot run here (e.g. QLoRA without a CUDA GPU): retrying will not help."""
 
 
+class MethodConfigError(ValueError):
+    """The method's settings do not fit the base model (unknown module, rank too large)."""
+
+
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
@@ -67,6 +71,33 @@ def pick_runtime(precision: str) -> Runtime:
     return Runtime(torch.device("cpu"), torch.float32, None)
 
 
+def _linear_layers(model: Any) -> dict[str, list[Any]]:
+    """Linear-like layers by their short name (``q_proj``), lm_head excluded."""
+    found: dict[str, list[Any]] = {}
+    for name, module in model.named_modules():
+        if "lm_head" in name or not hasattr(module, "in_features") or not hasattr(module, "out_features"):
+            continue
+        found.setdefault(name.rsplit(".", 1)[-1], []).append(module)
+    return found
+
+
+def check_lora_fits(model: Any, modules: list[str], rank: int) -> None:
+    """Refuse, naming the field, target modules the model lacks and ranks its layers cannot hold."""
+    layers = _linear_layers(model)
+    unknown = [m for m in modules if m not in layers]
+    if unknown:
+        raise MethodConfigError(
+            f"method.lora.targetModules: {', '.join(unknown)} not found in this {type(model).__name__}; "
+            f"its linear layers are: {', '.join(sorted(layers))}"
+        )
+    smallest = min(min(layer.in_features, layer.out_features) for m in modules for layer in layers[m])
+    if rank > smallest:
+        raise MethodConfigError(
+            f"method.lora.rank {rank} is larger than the smallest dimension ({smallest}) of the adapted "
+            f"layers ({', '.join(modules)}); choose a rank of at most {smallest}"
+        )
+
+
 def target_modules(model: Any, requested: list[str] | None) -> list[str]:
     """The module names an adapter wraps: the request, the architecture's list, or every Linear."""
     if requested:
@@ -74,13 +105,9 @@ def target_modules(model: Any, requested: list[str] | None) -> list[str]:
     model_type = getattr(model.config, "model_type", "")
     if model_type in TARGET_MODULES:
         return TARGET_MODULES[model_type]
-    names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and "lm_head" not in name
-    }
-    log.info("no target module list for model type %r; adapting every Linear: %s", model_type, sorted(names))
-    return sorted(names)
+    names = sorted(_linear_layers(model))
+    log.info("no target module list for model type %r; adapting every linear layer: %s", model_type, names)
+    return names
 
 
 def load_tokenizer(model_dir: Path) -> Any:
@@ -135,11 +162,13 @@ def apply_method(model: Any, method: MethodConfig, *, gradient_checkpointing: bo
         model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
             model, use_gradient_checkpointing=gradient_checkpointing
         )
+    modules = target_modules(model, method.lora.target_modules)
+    check_lora_fits(model, modules, method.lora.rank)
     config = LoraConfig(
         r=method.lora.rank,
         lora_alpha=method.lora.alpha,
         lora_dropout=method.lora.dropout,
-        target_modules=target_modules(model, method.lora.target_modules),
+        target_modules=modules,
         use_dora=method.type == "DoRA",
         task_type="CAUSAL_LM",
         bias="none",

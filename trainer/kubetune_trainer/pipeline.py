@@ -79,7 +79,7 @@ class Summary:
 
 
 def _settings(cfg: TrainerConfig) -> storage.S3Settings:
-    return storage.S3Settings(endpoint=cfg.storage.endpoint, region=cfg.storage.region)
+    return storage.S3Settings(endpoint=cfg.storage.endpoint, region=cfg.storage.region, attempts=cfg.storage.attempts)
 
 
 def _summary_from_manifest(cfg: TrainerConfig, manifest: dict[str, Any]) -> Summary:
@@ -307,7 +307,7 @@ def execute(cfg: TrainerConfig, *, termination_log: Path | None, progress_bar: b
     """Run, classify the outcome, write the termination message; return the exit code."""
     import torch
 
-    from kubetune_trainer.modeling import MethodUnavailableError
+    from kubetune_trainer.modeling import MethodConfigError, MethodUnavailableError
 
     try:
         summary = run(cfg, progress_bar=progress_bar)
@@ -319,6 +319,8 @@ def execute(cfg: TrainerConfig, *, termination_log: Path | None, progress_bar: b
         summary, code = Summary("Failed", "OutOfMemory", message, cfg.run_id), ExitCode.OUT_OF_MEMORY
     except MethodUnavailableError as e:
         summary, code = Summary("Failed", "MethodUnavailable", str(e), cfg.run_id), ExitCode.BAD_INPUT
+    except MethodConfigError as e:
+        summary, code = Summary("Failed", "ConfigInvalid", str(e), cfg.run_id), ExitCode.BAD_INPUT
     except storage.StorageError as e:
         summary, code = Summary("Failed", "StorageUnavailable", str(e), cfg.run_id), ExitCode.STORAGE_UNAVAILABLE
     except Exception as e:

@@ -88,6 +88,8 @@ def join(uri: str, *parts: str) -> str:
 class S3Settings:
     endpoint: str | None = None
     region: str = "us-east-1"
+    # Tries per call; waits between them double from 0.5 s up to 8 s (6 tries span ~15 s).
+    attempts: int = 6
 
 
 class Store(ABC):
@@ -181,19 +183,20 @@ class FileStore(Store):
 class S3Store(Store):
     """A bucket on an S3-compatible server."""
 
-    def __init__(self, bucket: str, settings: S3Settings, *, attempts: int = 6) -> None:
+    def __init__(self, bucket: str, settings: S3Settings) -> None:
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
         self.bucket = bucket
-        self.attempts = attempts
+        self.attempts = max(1, settings.attempts)
         self.client = boto3.client(
             "s3",
             endpoint_url=settings.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or None,
             region_name=settings.region,
             config=Config(
-                retries={"max_attempts": 3, "mode": "standard"},
+                # One retry policy, ours (_call), rather than two multiplying each other.
+                retries={"total_max_attempts": 1, "mode": "standard"},
                 connect_timeout=10,
                 read_timeout=60,
                 s3={"addressing_style": "path"},

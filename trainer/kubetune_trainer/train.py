@@ -277,7 +277,7 @@ def train(
                 loss = _forward_loss(model, _to_device(batch, runtime), runtime)
                 # Weight micro-batches by their target tokens so accumulation equals one big batch.
                 (loss * n / max(targets, 1)).backward()  # type: ignore[no-untyped-call]
-                step_loss += float(loss) * n / max(targets, 1)
+                step_loss += float(loss.detach()) * n / max(targets, 1)
                 state.tokens += int(batch["num_tokens"])
             torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
             optimizer.step()

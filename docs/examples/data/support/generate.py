@@ -113,7 +113,7 @@ def main() -> None:
     train += [dict(t) for t in rng.sample(heldout, 8)]
     rng.shuffle(train)
     lines = [json.dumps(t) for t in train]
-    lines.insert(37, '{"prompt": "Route this support ticket: my order is late", "response": ""}')
+    lines.insert(37, '{"prompt": "Route this support ticket: my order is late", "response": "..."}')
     lines.insert(120, '{"prompt": "Route this support ticket: broken json", "response": "SHIPPING/DELAY"')
     (out / "train.jsonl").write_text("\n".join(lines) + "\n")
     (out / "val.jsonl").write_text("".join(json.dumps(t) + "\n" for t in validation))

@@ -1,0 +1,518 @@
+"""The trainer on local files: methods, publishing, resume, gates, and bad input.
+
+Everything trains a real tiny Llama on the CPU (see the ``tiny_model``
+fixture); nothing about torch, transformers or peft is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kubetune_trainer import data, evaluate, modeling, publish, storage, train
+from kubetune_trainer.config import (
+    EvaluationConfig,
+    GateConfig,
+    LiftOverConfig,
+    MethodConfig,
+    TrainerConfig,
+)
+from kubetune_trainer.pipeline import ExitCode
+from kubetune_trainer.progress import ProgressReporter
+from tests.conftest import SUPPORT_DATA
+
+
+def make_config(tmp: Path, model: Path, **overrides: Any) -> TrainerConfig:
+    """A small, fast run over the support-ticket data, all on file://."""
+    cfg: dict[str, Any] = {
+        "run_id": "run-1",
+        "output_uri": f"file://{tmp}/out/run-1/",
+        "lineage": {"namespace": "team-a", "name": "support-router", "uid": "uid-1", "generation": 1},
+        "base_model": {"uri": f"file://{model}"},
+        "dataset": {
+            "train": f"file://{SUPPORT_DATA}/train.jsonl",
+            "validation": f"file://{SUPPORT_DATA}/val.jsonl",
+            "eval": f"file://{SUPPORT_DATA}/heldout.jsonl",
+        },
+        "method": {"type": "LoRA", "lora": {"rank": 32, "alpha": 64}},
+        "training": {
+            "epochs": 12,
+            "learning_rate": 3e-3,
+            "batch_size": 8,
+            "max_seq_length": 256,
+            "checkpoint_every_steps": 1000,
+        },
+        "evaluation": {"max_new_tokens": 8, "max_examples": 24, "prompted": {"few_shot": 2}},
+        "work_dir": str(tmp / "work"),
+        "progress_interval_seconds": 0.2,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return TrainerConfig.model_validate(cfg)
+
+
+def run_cli(cfg: TrainerConfig, tmp: Path, name: str = "config.json") -> tuple[int, dict[str, Any], str]:
+    """Run ``kubetune-trainer run`` as a pod would; return (exit code, termination summary, output)."""
+    path = tmp / name
+    path.write_text(cfg.model_dump_json())
+    termination = tmp / (name + ".termination")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kubetune_trainer.cli",
+            "run",
+            "--config",
+            str(path),
+            "--termination-log",
+            str(termination),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    summary = json.loads(termination.read_text()) if termination.exists() else {}
+    return result.returncode, summary, result.stdout + result.stderr
+
+
+def local(uri: str) -> Path:
+    return Path(uri.removeprefix("file://"))
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def _curated(tokenizer: Any, limit: int = 96) -> tuple[list[data.Encoded], list[data.Encoded]]:
+    train_set = data.load_jsonl(SUPPORT_DATA / "train.jsonl").examples[:limit]
+    val_set = data.load_jsonl(SUPPORT_DATA / "val.jsonl").examples[:24]
+    data.ensure_chat_template(tokenizer)
+    return [data.encode(tokenizer, e, 256) for e in train_set], [data.encode(tokenizer, e, 256) for e in val_set]
+
+
+@pytest.mark.parametrize(("method", "lr"), [("LoRA", 3e-3), ("DoRA", 3e-3), ("Full", 1e-3)])
+def test_method_trains_and_validation_loss_falls(tiny_model: Path, tmp_path: Path, method: str, lr: float) -> None:
+    cfg = make_config(tmp_path, tiny_model, method={"type": method}, training={"max_steps": 12, "learning_rate": lr})
+    tokenizer = modeling.load_tokenizer(tiny_model)
+    runtime = modeling.pick_runtime("auto")
+    model = modeling.apply_method(
+        modeling.load_base_model(tiny_model, cfg.method, runtime), cfg.method, gradient_checkpointing=False
+    )
+    trainable, total = modeling.count_parameters(model)
+    if method == "Full":
+        assert trainable == total
+    else:
+        assert 0 < trainable < total / 2
+    train_set, val_set = _curated(tokenizer)
+    before = train.validation_loss(model, val_set, cfg, runtime, tokenizer.pad_token_id)
+    progress = ProgressReporter(None, None, bar=False)
+    result = train.train(
+        model, train_set, val_set, cfg, runtime, tokenizer.pad_token_id, progress, storage.S3Settings()
+    )
+    assert result.steps == 12
+    assert result.final_eval_loss is not None
+    assert result.final_eval_loss < 0.9 * before, (before, result.final_eval_loss)
+    assert result.tokens_per_second > 0
+
+
+def test_gradient_checkpointing_trains_too(tiny_model: Path, tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, tiny_model, training={"max_steps": 4, "gradient_checkpointing": True})
+    tokenizer = modeling.load_tokenizer(tiny_model)
+    runtime = modeling.pick_runtime("auto")
+    model = modeling.apply_method(
+        modeling.load_base_model(tiny_model, cfg.method, runtime), cfg.method, gradient_checkpointing=True
+    )
+    train_set, val_set = _curated(tokenizer, 32)
+    progress = ProgressReporter(None, None, bar=False)
+    result = train.train(
+        model, train_set, val_set, cfg, runtime, tokenizer.pad_token_id, progress, storage.S3Settings()
+    )
+    assert result.steps == 4
+    assert result.final_loss is not None
+    assert result.final_loss == result.final_loss  # not NaN
+
+
+def test_qlora_on_cpu_fails_fast_with_a_clear_reason(tiny_model: Path, tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, tiny_model, method={"type": "QLoRA"})
+    code, summary, _ = run_cli(cfg, tmp_path)
+    assert code == ExitCode.BAD_INPUT
+    assert summary["reason"] == "MethodUnavailable"
+    assert "CUDA GPU" in summary["message"]
+
+
+@pytest.mark.gpu
+def test_qlora_trains_on_a_gpu(tiny_model: Path, tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, tiny_model, method={"type": "QLoRA"}, training={"max_steps": 20})
+    code, summary, output = run_cli(cfg, tmp_path)
+    assert code in (ExitCode.OK, ExitCode.GATES_FAILED), output
+    assert summary["reason"] in ("Succeeded", "EvalGateFailed"), output
+    assert summary["training"]["device"] == "cuda"
+    assert summary["adapter"]["trainableParams"] > 0
+
+
+def test_published_adapter_reloads_with_identical_logits(tiny_model: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_config(tmp_path, tiny_model, training={"max_steps": 6})
+    tokenizer = modeling.load_tokenizer(tiny_model)
+    runtime = modeling.pick_runtime("auto")
+    model = modeling.apply_method(
+        modeling.load_base_model(tiny_model, cfg.method, runtime), cfg.method, gradient_checkpointing=False
+    )
+    train_set, val_set = _curated(tokenizer, 32)
+    train.train(
+        model,
+        train_set,
+        val_set,
+        cfg,
+        runtime,
+        tokenizer.pad_token_id,
+        ProgressReporter(None, None, bar=False),
+        storage.S3Settings(),
+    )
+    artifact = publish.save_artifact(model, tokenizer, cfg, tmp_path / "artifact")
+    assert (artifact / "adapter_config.json").is_file()
+    assert (artifact / "adapter_model.safetensors").is_file()
+
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), artifact).eval()
+    ids = torch.tensor([train_set[0].input_ids])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        actual = reloaded(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model)(input_ids=ids).logits
+    assert torch.allclose(expected, actual, atol=1e-5)
+    assert not torch.allclose(expected, base, atol=1e-3), "the adapter changed nothing"
+
+
+# ----------------------------------------------------------------------------- a whole run
+
+
+@pytest.fixture(scope="module")
+def finished_run(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[TrainerConfig, dict[str, Any], str]:
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = make_config(
+        tmp,
+        tiny_model,
+        evaluation={
+            "max_new_tokens": 8,
+            "max_examples": 24,
+            "prompted": {"few_shot": 2},
+            "gates": [
+                {"metric": "exact_match", "min": 0.5},
+                {"metric": "exact_match", "min_lift_over": {"baseline": "prompted", "by": 0.2}},
+            ],
+        },
+    )
+    code, summary, output = run_cli(cfg, tmp)
+    assert code == ExitCode.OK, output
+    return cfg, summary, output
+
+
+def test_run_beats_both_baselines_and_reports_cost(finished_run: tuple[TrainerConfig, dict[str, Any], str]) -> None:
+    cfg, summary, _ = finished_run
+    assert summary["phase"] == "Succeeded"
+    report = json.loads(local(storage.join(cfg.output_uri, "eval", "report.json")).read_text())
+    candidates = report["candidates"]
+    tuned = candidates["fine_tuned"]["metrics"]["exact_match"]
+    assert tuned > candidates["prompted"]["metrics"]["exact_match"]
+    assert tuned > candidates["base"]["metrics"]["exact_match"]
+    # The prompted baseline pays for its few-shot examples in prompt tokens.
+    assert candidates["prompted"]["prompt_tokens_mean"] > 2 * candidates["fine_tuned"]["prompt_tokens_mean"]
+    assert all(g["passed"] for g in report["gates"])
+    assert set(report["general_perplexity"]) == {"fine_tuned", "base"}
+    assert all(v > 1.0 for v in report["general_perplexity"].values())
+    table = local(storage.join(cfg.output_uri, "eval", "report.md")).read_text()
+    assert "| exact_match |" in table
+    assert "prompt tokens (mean)" in table
+
+
+def test_run_publishes_a_verifiable_adapter_with_lineage(
+    finished_run: tuple[TrainerConfig, dict[str, Any], str],
+) -> None:
+    cfg, summary, _ = finished_run
+    manifest = json.loads(local(storage.join(cfg.output_uri, "manifest.json")).read_text())
+    folder = local(manifest["artifact"]["uri"])
+    files = {p.relative_to(folder).as_posix(): storage.sha256_file(p) for p in folder.rglob("*") if p.is_file()}
+    assert files == manifest["artifact"]["files"]
+    assert storage.digest_of_files(files) == manifest["artifact"]["digest"] == summary["adapter"]["digest"]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    assert manifest["lineage"] == {"namespace": "team-a", "name": "support-router", "uid": "uid-1", "generation": 1}
+    assert manifest["baseModel"]["digest"] == storage.digest_of_dir(local(cfg.base_model.uri))[0]
+    assert manifest["data"]["sources"]["train"]["digest"].startswith("sha256:")
+    assert manifest["config"]["training"]["learning_rate"] == cfg.training.learning_rate
+    assert {"torch", "transformers", "peft"} <= set(manifest["packages"])
+    assert manifest["promotable"] is True
+
+
+def test_run_reports_every_curation_rule(finished_run: tuple[TrainerConfig, dict[str, Any], str]) -> None:
+    cfg, summary, _ = finished_run
+    report = json.loads(local(storage.join(cfg.output_uri, "data", "report.json")).read_text())
+    # The support data carries one fault of each kind (see its generate.py).
+    for reason in ("invalid", "empty", "duplicate", "near_duplicate", "eval_leakage"):
+        assert report["dropped"][reason] >= 1, reason
+    assert summary["data"]["train"] == report["splits"]["train"]["examples"]
+
+
+def test_progress_json_ends_complete(finished_run: tuple[TrainerConfig, dict[str, Any], str]) -> None:
+    cfg, _, _ = finished_run
+    progress = json.loads(local(storage.join(cfg.output_uri, "progress.json")).read_text())
+    assert progress["stage"] == "done"
+    assert progress["step"] == progress["total_steps"] > 0
+    assert progress["percent"] == 100
+    assert progress["tokens_per_second"] > 0
+    assert progress["history"], "no validation-loss history"
+
+
+def test_rerun_after_publish_reports_the_recorded_result(
+    finished_run: tuple[TrainerConfig, dict[str, Any], str], tmp_path: Path
+) -> None:
+    cfg, summary, _ = finished_run
+    started = time.monotonic()
+    code, again, output = run_cli(cfg, tmp_path)
+    assert code == ExitCode.OK, output
+    assert again["adapter"] == summary["adapter"]
+    assert "already published" in output
+    assert time.monotonic() - started < 30
+
+
+def test_failed_gates_publish_an_unpromotable_adapter(tiny_model: Path, tmp_path: Path) -> None:
+    cfg = make_config(
+        tmp_path,
+        tiny_model,
+        training={"max_steps": 3},
+        evaluation={"max_new_tokens": 4, "max_examples": 4, "gates": [{"metric": "perplexity", "max": 1.0}]},
+    )
+    code, summary, _ = run_cli(cfg, tmp_path)
+    assert code == ExitCode.GATES_FAILED
+    assert summary["reason"] == "EvalGateFailed"
+    assert summary["adapter"]["promotable"] is False
+    assert "perplexity" in summary["message"]
+    manifest = json.loads(local(storage.join(cfg.output_uri, "manifest.json")).read_text())
+    assert manifest["promotable"] is False
+    assert local(manifest["artifact"]["uri"]).joinpath("adapter_model.safetensors").is_file()
+
+
+def test_sigkill_mid_training_resumes_from_the_last_checkpoint(tiny_model: Path, tmp_path: Path) -> None:
+    cfg = make_config(
+        tmp_path,
+        tiny_model,
+        training={"max_steps": 80, "checkpoint_every_steps": 5},
+        evaluation={"max_new_tokens": 4, "max_examples": 4},
+    )
+    path = tmp_path / "config.json"
+    path.write_text(cfg.model_dump_json())
+    command = [sys.executable, "-m", "kubetune_trainer.cli", "run", "--config", str(path), "--no-progress-bar"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoints = local(storage.join(cfg.output_uri, "checkpoints"))
+    deadline = time.monotonic() + 300
+    try:
+        while not list(checkpoints.glob("step-*/COMPLETE")):
+            assert proc.poll() is None, "the trainer exited before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = max(int(p.parent.name.removeprefix("step-")) for p in checkpoints.glob("step-*/COMPLETE"))
+    assert not local(storage.join(cfg.output_uri, "manifest.json")).exists()
+
+    code, summary, output = run_cli(cfg, tmp_path, "rerun.json")
+    assert code in (ExitCode.OK, ExitCode.GATES_FAILED), output
+    assert summary["training"]["resumedFromStep"] >= killed_at > 0
+    assert summary["training"]["steps"] == 80
+    assert "resumed from checkpoint" in output
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _write(path: Path, lines: list[str]) -> str:
+    path.write_text("\n".join(lines) + "\n")
+    return f"file://{path}"
+
+
+GOOD = [
+    json.dumps({"prompt": f"Route this support ticket: case {i} about item {i * 7}", "response": "BILLING/REFUND"})
+    for i in range(30)
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "reason", "needle"),
+    [
+        ("malformed-json", "DataInvalid", "train.jsonl:3"),
+        ("wrong-fields", "DataInvalid", "train.jsonl:1"),
+        ("empty-after-curation", "DataInvalid", "too_long"),
+        ("eval-inside-train", "DataInvalid", "eval_leakage"),
+        ("unknown-target-module", "ConfigInvalid", "method.lora.targetModules"),
+        ("rank-above-hidden-size", "ConfigInvalid", "method.lora.rank"),
+        ("missing-base-model", "BaseModelNotFound", "baseModel.uri"),
+        ("missing-dataset", "DataNotFound", "dataset.train"),
+    ],
+)
+def test_bad_input_fails_fast_naming_the_problem(
+    tiny_model: Path, tmp_path: Path, case: str, reason: str, needle: str
+) -> None:
+    overrides: dict[str, Any] = {}
+    train_uri = f"file://{SUPPORT_DATA}/train.jsonl"
+    if case == "malformed-json":
+        lines = list(GOOD)
+        lines[2] = '{"prompt": "broken'
+        lines[5] = "not json at all"
+        train_uri = _write(tmp_path / "train.jsonl", lines)
+    elif case == "wrong-fields":
+        train_uri = _write(tmp_path / "train.jsonl", [json.dumps({"question": "q", "answer": "a"})] * 5)
+    elif case == "empty-after-curation":
+        overrides["dataset"] = {"curation": {"max_tokens": 3}}
+    elif case == "eval-inside-train":
+        train_uri = _write(tmp_path / "train.jsonl", GOOD)
+        overrides["dataset"] = {"eval": _write(tmp_path / "eval.jsonl", GOOD)}
+    elif case == "unknown-target-module":
+        overrides["method"] = {"type": "LoRA", "lora": {"target_modules": ["q_proj", "attn_qkv"]}}
+    elif case == "rank-above-hidden-size":
+        overrides["method"] = {"type": "LoRA", "lora": {"rank": 512}}
+    elif case == "missing-base-model":
+        overrides["base_model"] = {"uri": f"file://{tmp_path}/no-such-model"}
+    elif case == "missing-dataset":
+        train_uri = f"file://{tmp_path}/no-such-train.jsonl"
+    dataset = {"train": train_uri, **overrides.pop("dataset", {})}
+    cfg = make_config(tmp_path, tiny_model, dataset=dataset, **overrides)
+    started = time.monotonic()
+    code, summary, output = run_cli(cfg, tmp_path)
+    assert code == ExitCode.BAD_INPUT, output
+    assert summary["reason"] == reason, summary
+    assert needle in summary["message"], summary["message"]
+    assert not local(storage.join(cfg.output_uri, "checkpoints")).exists(), "it trained on bad input"
+    assert time.monotonic() - started < 60
+
+
+def test_invalid_config_file_is_bad_input(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"run_id": "x"}))
+    termination = tmp_path / "termination"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kubetune_trainer.cli",
+            "run",
+            "--config",
+            str(path),
+            "--termination-log",
+            str(termination),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == ExitCode.BAD_INPUT
+    summary = json.loads(termination.read_text())
+    assert summary["reason"] == "ConfigInvalid"
+    assert "output_uri" in summary["message"]
+
+
+# ----------------------------------------------------------------------------- storage and gates
+
+
+def test_publish_is_write_once(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"one")
+    (src / "b.bin").write_bytes(b"two")
+    uri = f"file://{tmp_path}/published"
+    first = storage.publish_dir(src, uri)
+    assert storage.publish_dir(src, uri) == first  # the same bytes again: a no-op
+    (src / "a.bin").write_bytes(b"changed")
+    (src / "c.bin").write_bytes(b"new")
+    with pytest.raises(storage.WriteOnceError, match=r"a\.bin already exists with different content"):
+        storage.publish_dir(src, uri)
+    assert (tmp_path / "published" / "a.bin").read_bytes() == b"one"
+    assert not (tmp_path / "published" / "c.bin").exists(), "a refused publish wrote something"
+
+
+def _report(**candidates: dict[str, float]) -> evaluate.Report:
+    return evaluate.Report(
+        headline="exact_match",
+        candidates={k: evaluate.CandidateResult(k, v, 10.0, 1.0) for k, v in candidates.items()},
+        gates=[],
+        passed=False,
+        examples=10,
+        general_perplexity={},
+    )
+
+
+@pytest.mark.parametrize(
+    ("gate", "passed"),
+    [
+        (GateConfig(metric="exact_match", min=0.8), True),
+        (GateConfig(metric="exact_match", min=0.95), False),
+        (GateConfig(metric="loss", max=1.0), True),
+        (GateConfig(metric="loss", max=0.5), False),
+        (GateConfig(metric="exact_match", min_lift_over=LiftOverConfig(baseline="prompted", by=0.2)), True),
+        (GateConfig(metric="exact_match", min_lift_over=LiftOverConfig(baseline="prompted", by=0.3)), False),
+        (GateConfig(metric="loss", min_lift_over=LiftOverConfig(baseline="base", by=0.5)), True),
+        (GateConfig(metric="perplexity", max_regression=0.1), True),
+        (GateConfig(metric="perplexity", max_regression=0.01), False),
+        (GateConfig(metric="token_f1", max_regression=0.0), True),
+        (GateConfig(metric="json_valid", min=0.1), False),
+    ],
+)
+def test_gate_decisions(gate: GateConfig, passed: bool) -> None:
+    report = _report(
+        fine_tuned={"exact_match": 0.9, "loss": 0.7, "perplexity": 10.5, "token_f1": 0.9},
+        base={"exact_match": 0.1, "loss": 2.0, "perplexity": 10.0, "token_f1": 0.2},
+        prompted={"exact_match": 0.65, "token_f1": 0.7},
+    )
+    result = evaluate.evaluate_gate(gate, report)
+    assert result.passed is passed, result.message
+
+
+def test_default_gates_require_strictly_beating_prompting() -> None:
+    gates = evaluate.default_gates(EvaluationConfig())
+    tie = _report(fine_tuned={"exact_match": 0.6}, base={"exact_match": 0.1}, prompted={"exact_match": 0.6})
+    assert [evaluate.evaluate_gate(g, tie).passed for g in gates] == [False, True]
+    win = _report(fine_tuned={"exact_match": 0.61}, base={"exact_match": 0.1}, prompted={"exact_match": 0.6})
+    assert all(evaluate.evaluate_gate(g, win).passed for g in gates)
+
+
+@pytest.mark.parametrize(
+    ("metric", "prediction", "reference", "score"),
+    [
+        ("exact_match", " Billing/Refund. ", "BILLING/REFUND", 1.0),
+        ("exact_match", "BILLING", "BILLING/REFUND", 0.0),
+        ("token_f1", "the cat sat", "the cat sat down", 2 * 1.0 * 0.75 / 1.75),
+        ("contains", "it is BILLING/REFUND I think", "billing/refund", 1.0),
+        ("json_valid", '{"a": 1}', "", 1.0),
+        ("json_valid", "{a: 1}", "", 0.0),
+        ("json_field_match", '{"a": 1, "b": 3}', '{"a": 1, "b": 2}', 0.5),
+        ("json_field_match", "nope", '{"a": 1}', 0.0),
+    ],
+)
+def test_metrics(metric: str, prediction: str, reference: str, score: float) -> None:
+    assert evaluate.TEXT_METRICS[metric](prediction, reference) == pytest.approx(score)
+
+
+def test_method_config_defaults_target_the_architecture(tiny_model: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert modeling.target_modules(model, None) == modeling.TARGET_MODULES["llama"]
+    assert modeling.target_modules(model, ["q_proj"]) == ["q_proj"]
+    with pytest.raises(modeling.MethodConfigError, match="targetModules: nope not found"):
+        modeling.check_lora_fits(model, ["nope"], 8)
+    assert MethodConfig().type == "LoRA"
