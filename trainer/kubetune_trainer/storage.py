@@ -71,8 +71,15 @@ def digest_of_files(files: dict[str, str]) -> str:
 
 
 def digest_of_dir(root: Path) -> tuple[str, dict[str, str]]:
-    """The folder's digest and the sha256 of each file in it."""
-    files = {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    """The folder's digest and the sha256 of each file in it.
+
+    Hidden paths (``.cache/`` of the hub client, ``.git/``) are bookkeeping, not content.
+    """
+    files = {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    }
     return digest_of_files(files), files
 
 
@@ -350,7 +357,9 @@ def fetch_dir(uri: str, dest: Path, settings: S3Settings | None = None, *, revis
         from huggingface_hub import snapshot_download
 
         repo = uri.removeprefix("hf://").strip("/")
-        return Path(snapshot_download(repo_id=repo, revision=revision, local_dir=str(dest)))
+        # Read HF_ENDPOINT per call: huggingface_hub reads it once, at import.
+        endpoint = os.environ.get("HF_ENDPOINT") or None
+        return Path(snapshot_download(repo_id=repo, revision=revision, local_dir=str(dest), endpoint=endpoint))
     loc = resolve(uri, settings)
     found = False
     for key, rel in _iter_prefix(loc):

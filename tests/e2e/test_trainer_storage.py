@@ -295,3 +295,24 @@ def test_unreachable_storage_exits_as_transient(tmp_path: Path, tiny_model: Path
     summary = json.loads(termination.read_text())
     assert summary["reason"] == "StorageUnavailable"
     assert f"127.0.0.1:{closed}" in summary["message"] or "gave up" in summary["message"]
+
+
+def test_hf_base_model_loads_through_the_hub_protocol(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from tests.cluster.hfhub import LocalHub
+
+    shutil.copytree(tiny_model, tmp_path / "hub" / "acme" / "tiny-llama")
+    hub = LocalHub(tmp_path / "hub")
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        fetched = storage.fetch_dir("hf://acme/tiny-llama", tmp_path / "fetched")
+        assert storage.digest_of_dir(fetched) == storage.digest_of_dir(tiny_model)
+        assert any("/acme/tiny-llama/resolve/" in r for r in hub.requests)
+        with pytest.raises(Exception, match=r"404|not found|Repository"):
+            storage.fetch_dir("hf://acme/missing", tmp_path / "missing")
+    finally:
+        hub.close()
