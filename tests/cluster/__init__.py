@@ -9,6 +9,7 @@ Nothing here needs root, containers or network access beyond loopback.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -147,6 +148,11 @@ class Cluster:
                 raise ValueError(f"pod {namespace}/{pod} has logs of {[p.stem for p in logs]}; name the container")
             return logs[0].read_text(errors="replace")
         return (folder / f"{container}.log").read_text(errors="replace")
+
+    def kill_container(self, namespace: str, pod: str, container: str, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Signal a running container's process group, as an OOM killer or a node failure would."""
+        pid = int((self.pod_dir(namespace, pod) / f"{container}.pid").read_text())
+        os.killpg(pid, sig)
 
     def ensure_running(self) -> None:
         """Raise if a component died (its log's tail is in the message)."""

@@ -430,6 +430,8 @@ class PodWorker:
             self._mark()
             return 128
         container.process = process
+        # Tests kill a container's process the way an OOM killer or a node failure would.
+        (log_path.parent / f"{container.name}.pid").write_text(str(process.pid))
         log.info("%s: started %s (pid %d): %s", self.key, container.name, process.pid, shlex.join(launch.argv))
         container.state = {"running": {"startedAt": started_at}}
         container.started = "startupProbe" not in container.spec
