@@ -145,6 +145,24 @@ def _load_manifests_templates(path: Path) -> dict[str, dict[str, Any]]:
     return templates
 
 
+def _operator(args: argparse.Namespace) -> int:
+    import logging
+
+    from kubetune.builders.settings import OperatorSettings
+    from kubetune.controllers import operator
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = OperatorSettings.from_env(
+        metrics_port=args.metrics_port,
+        health_port=args.health_port,
+        trainer_image=args.trainer_image,
+        default_output_uri=args.default_output,
+    )
+    namespaces = [n for item in args.namespace for n in item.split(",") if n]
+    operator.run(settings, namespaces=namespaces, peering=args.peering, workers=args.workers)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubetune", description="Fine-tune and ship LLM adapters on Kubernetes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +187,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", help="run id (default: local-<timestamp>); reuse one to resume that run")
     run.add_argument("--work-dir", help="scratch folder (default: ./.kubetune/work/<run id>)")
     run.set_defaults(func=_run)
+
+    op = sub.add_parser(
+        "operator",
+        help="run the operator (reconciles FineTunes and AdapterDeployments)",
+        description=(
+            "Run the kubetune operator against the cluster of the in-cluster service account or $KUBECONFIG. "
+            "Every setting can also come from KUBETUNE_<SETTING> environment variables "
+            "(e.g. KUBETUNE_DEFAULT_STORAGE_ENDPOINT); see kubetune/builders/settings.py."
+        ),
+    )
+    op.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        help="namespace to watch (repeatable, or comma-separated); default: all",
+    )
+    op.add_argument("--peering", help="kopf peering name: run several replicas, one active (default: standalone)")
+    op.add_argument("--workers", type=int, default=8, help="threads for handlers (default 8)")
+    op.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 8080; 0 disables)")
+    op.add_argument("--health-port", type=int, help="/healthz port (default 8081; 0 disables)")
+    op.add_argument("--trainer-image", help="default trainer image")
+    op.add_argument("--default-output", help="default artifact root, e.g. s3://adapters/")
+    op.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    op.set_defaults(func=_operator)
     return parser
 
 

@@ -38,6 +38,8 @@ def _run(args: argparse.Namespace) -> int:
         if termination_log is not None:
             termination_log.write_text(summary.to_json())
         return int(ExitCode.BAD_INPUT)
+    if args.work_dir:
+        cfg = cfg.model_copy(update={"work_dir": args.work_dir})
     bar = False if args.no_progress_bar else None
     return execute(cfg, termination_log=termination_log, progress_bar=bar)
 
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--termination-log",
         help="where to write the JSON summary (default: $KUBETUNE_TERMINATION_LOG, else /dev/termination-log)",
     )
+    run.add_argument("--work-dir", help="local scratch folder (overrides the config's work_dir)")
     run.add_argument("--no-progress-bar", action="store_true", help="never draw a progress bar")
     run.set_defaults(func=_run)
     return parser

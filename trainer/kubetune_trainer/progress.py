@@ -35,6 +35,9 @@ class Progress:
     eval_loss: float | None = None
     tokens_per_second: float | None = None
     eta_seconds: float | None = None
+    resumed_from_step: int | None = None
+    checkpoint_step: int | None = None
+    checkpoint_uri: str | None = None
     message: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
 

@@ -29,8 +29,8 @@ import shutil
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -97,6 +97,34 @@ class S3Settings:
     region: str = "us-east-1"
     # Tries per call; waits between them double from 0.5 s up to 8 s (6 tries span ~15 s).
     attempts: int = 6
+    # Explicit credentials (the operator reads a FineTune's Secret); None: the environment's.
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+
+@lru_cache(maxsize=64)
+def _s3_client(settings: S3Settings) -> Any:
+    """One boto3 client per settings: creating one costs tens of milliseconds."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or None,
+        region_name=settings.region,
+        aws_access_key_id=settings.access_key,
+        aws_secret_access_key=settings.secret_key,
+        aws_session_token=settings.session_token,
+        config=Config(
+            # One retry policy, ours (S3Store._call), rather than two multiplying each other.
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=60,
+            s3={"addressing_style": "path"},
+            signature_version="s3v4",
+        ),
+    )
 
 
 class Store(ABC):
@@ -191,25 +219,11 @@ class S3Store(Store):
     """A bucket on an S3-compatible server."""
 
     def __init__(self, bucket: str, settings: S3Settings) -> None:
-        import boto3
         from boto3.s3.transfer import TransferConfig
-        from botocore.config import Config
 
         self.bucket = bucket
         self.attempts = max(1, settings.attempts)
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=settings.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or None,
-            region_name=settings.region,
-            config=Config(
-                # One retry policy, ours (_call), rather than two multiplying each other.
-                retries={"total_max_attempts": 1, "mode": "standard"},
-                connect_timeout=10,
-                read_timeout=60,
-                s3={"addressing_style": "path"},
-                signature_version="s3v4",
-            ),
-        )
+        self.client = _s3_client(settings)
         self.transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
 
     def _call(self, what: str, fn: Callable[[], _T]) -> _T:

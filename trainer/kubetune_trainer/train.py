@@ -248,6 +248,7 @@ def train(
         uri, step = found
         state = load_checkpoint(uri, model, optimizer, scheduler, cfg, settings)
         resumed_from = state.step
+        progress.update(resumed_from_step=step, checkpoint_step=step, checkpoint_uri=uri)
         progress.stage("train", f"resumed from checkpoint at step {step}")
     else:
         progress.stage("train", f"{total_steps} steps, {len(batches)} micro-batches per epoch")
@@ -307,8 +308,10 @@ def train(
                 eta_seconds=None if eta is None else round(eta, 1),
             )
             if state.step % tc.checkpoint_every_steps == 0 and state.step < total_steps:
-                save_checkpoint(model, optimizer, scheduler, state, cfg, settings)
-                progress.update(message=f"checkpoint at step {state.step}")
+                uri = save_checkpoint(model, optimizer, scheduler, state, cfg, settings)
+                progress.update(
+                    message=f"checkpoint at step {state.step}", checkpoint_step=state.step, checkpoint_uri=uri
+                )
         if state.batch_in_epoch >= len(batches):
             state.epoch += 1
             state.batch_in_epoch = 0

@@ -563,6 +563,9 @@ class Progress(KubeModel):
     eval_loss: Decimal | None = Field(default=None, description="Latest validation loss.")
     tokens_per_second: int | None = Field(default=None, ge=0, description="Training throughput (non-padding tokens).")
     eta_seconds: int | None = Field(default=None, ge=0, description="Estimated seconds to the end of training.")
+    resumed_from_step: int | None = Field(
+        default=None, ge=0, description="The checkpoint step this attempt resumed from, when it resumed."
+    )
     updated_at: Timestamp | None = Field(default=None, description="When the trainer last reported.")
 
 

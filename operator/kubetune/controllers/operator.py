@@ -1,0 +1,80 @@
+"""Running the operator: kopf settings, API client, metrics and health endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from prometheus_client import start_http_server
+
+from kubetune.builders.settings import OperatorSettings
+from kubetune.controllers import finetune
+from kubetune.controllers.kube import Kube
+
+log = logging.getLogger("kubetune")
+
+
+def api_client() -> k8s.ApiClient:
+    """In-cluster credentials when running in a pod, else the kubeconfig ($KUBECONFIG)."""
+    try:
+        k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
+    return k8s.ApiClient()
+
+
+def build_registry(settings: OperatorSettings, *, workers: int) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    # A registry of our own does not get kopf's default login handlers: log in like api_client() does.
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+        settings.persistence.finalizer = "kubetune.io/finalizer"
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix="kubetune.io", key="last-handled-configuration"
+        )
+        # kopf would post an Event for every handler run; the controllers post one per transition instead.
+        settings.posting.enabled = False
+        settings.execution.max_workers = workers
+        settings.batching.worker_limit = workers * 4
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+        memo.kube = Kube(api=api_client())
+
+    finetune.register(settings, registry)
+    return registry
+
+
+def run(
+    settings: OperatorSettings,
+    *,
+    namespaces: list[str],
+    peering: str | None,
+    workers: int = 8,
+) -> None:
+    """Run until SIGINT/SIGTERM. With ``peering``, replicas elect one active instance (kopf peering)."""
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port)
+        log.info("metrics on :%d/metrics", settings.metrics_port)
+    registry = build_registry(settings, workers=workers)
+    liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+    asyncio.run(
+        kopf.operator(
+            registry=registry,
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            standalone=peering is None,
+            peering_name=peering,
+            liveness_endpoint=liveness,
+            memo=kopf.Memo(),
+        )
+    )

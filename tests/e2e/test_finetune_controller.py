@@ -1,0 +1,371 @@
+"""The FineTune controller end to end: the operator process, the real API server and Job
+controller, the fake kubelet running the real ``kubetune-trainer``, and the loopback S3 server."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from kubetune_trainer import storage
+from tests.cluster import Cluster
+from tests.conftest import ROOT
+from tests.e2e.conftest import ACCESS_KEY, SECRET_KEY, Operator
+
+EXAMPLE = ROOT / "docs" / "examples" / "finetune-support-router.yaml"
+T = TypeVar("T")
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 240, interval: float = 0.25) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def example(name: str, **spec_changes: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    doc["metadata"]["name"] = name
+    for key, value in spec_changes.items():
+        if isinstance(value, dict) and isinstance(doc["spec"].get(key), dict):
+            doc["spec"][key] = {**doc["spec"][key], **value}
+        else:
+            doc["spec"][key] = value
+    return doc
+
+
+def apply(cluster: Cluster, namespace: str, doc: dict[str, Any]) -> None:
+    # JSON, not YAML: PyYAML writes "3e-3" unquoted, and kubectl reads that back as a number.
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc))
+
+
+def get(cluster: Cluster, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+    result = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
+    if result.returncode != 0:
+        return None
+    obj: dict[str, Any] = json.loads(result.stdout)
+    return obj
+
+
+def status(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    obj = get(cluster, namespace, "finetune", name) or {}
+    found: dict[str, Any] = obj.get("status") or {}
+    return found
+
+
+def condition(st: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in st.get("conditions") or [] if c["type"] == type_), {})
+
+
+def phase_in(cluster: Cluster, namespace: str, name: str, *phases: str) -> Callable[[], dict[str, Any] | None]:
+    def probe() -> dict[str, Any] | None:
+        st = status(cluster, namespace, name)
+        return st if st.get("phase") in phases else None
+
+    return probe
+
+
+def jobs(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = json.loads(cluster.kubectl("get", "jobs", "-n", namespace, "-o", "json").stdout)[
+        "items"
+    ]
+    return items
+
+
+def pods(cluster: Cluster, namespace: str, job: str) -> list[dict[str, Any]]:
+    out = cluster.kubectl("get", "pods", "-n", namespace, "-l", f"batch.kubernetes.io/job-name={job}", "-o", "json")
+    items: list[dict[str, Any]] = json.loads(out.stdout)["items"]
+    return items
+
+
+def running_pod(cluster: Cluster, namespace: str, job: str) -> str | None:
+    for pod in pods(cluster, namespace, job):
+        if pod["status"].get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
+            return str(pod["metadata"]["name"])
+    return None
+
+
+def s3_settings(cluster: Cluster) -> storage.S3Settings:
+    return storage.S3Settings(
+        endpoint=cluster.s3.endpoint_url, region=cluster.s3.region, access_key=ACCESS_KEY, secret_key=SECRET_KEY
+    )
+
+
+# ----------------------------------------------------------------------------- the happy path
+
+
+def test_example_finetune_succeeds_with_progress_adapter_and_evaluation(
+    cluster: Cluster, operator: Operator, tenant: str
+) -> None:
+    ns = tenant
+    apply(cluster, ns, example("support-router"))
+    wait_for("the Job", lambda: jobs(cluster, ns))
+    # Sample status.progress while the pod runs: it must move.
+    steps_seen: set[int] = set()
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        st = status(cluster, ns, "support-router")
+        if (st.get("progress") or {}).get("step") is not None:
+            steps_seen.add(st["progress"]["step"])
+        if st.get("phase") in ("Succeeded", "Failed"):
+            break
+        time.sleep(0.2)
+    waited = cluster.kubectl(
+        "wait", "--for=condition=Succeeded", "ft/support-router", "-n", ns, "--timeout=120s", check=False
+    )
+    st = status(cluster, ns, "support-router")
+    assert waited.returncode == 0, (st, operator.log()[-3000:])
+    assert len(steps_seen) >= 2, f"progress never moved: {steps_seen}"
+
+    assert st["phase"] == "Succeeded"
+    assert st["observedGeneration"] == 1
+    assert st["attempts"] == 1
+    assert st["progress"]["percent"] == 100
+    adapter = st["adapter"]
+    assert adapter["uri"].startswith(f"s3://adapters/{ns}/support-router/")
+    assert adapter["promotable"] is True
+    fetched = storage.fetch_dir(adapter["uri"], Path(cluster.workdir) / f"{ns}-adapter", s3_settings(cluster))
+    assert (fetched / "adapter_config.json").is_file()
+    assert storage.digest_of_dir(fetched)[0] == adapter["digest"]
+
+    evaluation = st["evaluation"]
+    assert evaluation["passed"] is True
+    assert set(evaluation["baselines"]) == {"base", "prompted"}
+    assert float(evaluation["metrics"]["exact_match"]) > float(evaluation["baselines"]["prompted"]["exact_match"])
+    assert evaluation["score"] == evaluation["metrics"]["exact_match"]
+    assert [g["passed"] for g in evaluation["gates"]] == [True, True]
+    assert st["data"]["trainExamples"] > 0
+    for type_ in ("Ready", "Succeeded", "GatesPassed", "Validated", "DataReady", "Trained", "Evaluated"):
+        assert condition(st, type_).get("status") == "True", type_
+    assert condition(st, "Stalled")["status"] == "False"
+
+    printed = cluster.kubectl("get", "ft", "support-router", "-n", ns).stdout.splitlines()[1].split()
+    assert printed[1:3] == ["Succeeded", "LoRA"]
+    events = cluster.kubectl("get", "events", "-n", ns, "--field-selector", "involvedObject.name=support-router").stdout
+    assert "Succeeded" in events
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5).read().decode()
+    assert "kubetune_job_launches_total" in metrics
+    assert 'kubetune_finetunes{phase="Succeeded"}' in metrics
+
+
+def test_malformed_dataset_fails_once_with_the_line(cluster: Cluster, operator: Operator, tenant: str) -> None:
+    ns = tenant
+    lines = (ROOT / "docs/examples/data/support/train.jsonl").read_text().splitlines()[:40]
+    for i in (3, 7, 11):
+        lines[i] = lines[i][: len(lines[i]) // 2]
+    cluster.s3.client().put_object(Bucket="datasets", Key=f"{ns}/train.jsonl", Body="\n".join(lines).encode())
+    doc = example("bad-data")
+    doc["spec"]["dataset"]["train"] = f"s3://datasets/{ns}/train.jsonl"
+    apply(cluster, ns, doc)
+    st = wait_for("Failed", phase_in(cluster, ns, "bad-data", "Failed", "Succeeded"))
+    assert st["phase"] == "Failed"
+    assert condition(st, "Ready")["reason"] == "DataInvalid"
+    assert "train.jsonl:4" in st["message"], st["message"]
+    assert st["attempts"] == 1, "a bad dataset was retried"
+    assert len(pods(cluster, ns, st["jobName"])) == 1
+    uid = get(cluster, ns, "finetune", "bad-data")["metadata"]["uid"]  # type: ignore[index]
+    keys = cluster.s3.client().list_objects_v2(Bucket="adapters", Prefix=f"{ns}/bad-data/{uid}/").get("Contents", [])
+    assert not [k for k in keys if "/checkpoints/" in k["Key"]], "it trained on bad data"
+    assert condition(st, "Stalled")["status"] == "True"
+
+
+def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(
+    cluster: Cluster, operator: Operator, tenant: str
+) -> None:
+    ns = tenant
+    apply(cluster, ns, example("resume", training={"checkpointEverySteps": 8, "epochs": 10}))
+    st = wait_for("a checkpoint", lambda: (s := status(cluster, ns, "resume")).get("checkpoint") and s)
+    job = st["jobName"]
+    pod = wait_for("the running pod", lambda: running_pod(cluster, ns, job))
+    cluster.kill_container(ns, pod, "trainer")
+    st = wait_for("the end", phase_in(cluster, ns, "resume", "Succeeded", "Failed"))
+    assert st["phase"] == "Succeeded", st
+    assert st["attempts"] == 2
+    assert st["progress"]["resumedFromStep"] >= 8
+    terminated = [
+        p["status"]["containerStatuses"][0]["state"]["terminated"]
+        for p in pods(cluster, ns, job)
+        if p["status"].get("containerStatuses")
+    ]
+    assert sorted(t["exitCode"] for t in terminated) == [0, 137]
+
+
+def test_operator_restart_mid_run_converges_with_one_job(cluster: Cluster, operator: Operator, tenant: str) -> None:
+    ns = tenant
+    apply(cluster, ns, example("restart"))
+    wait_for("training", phase_in(cluster, ns, "restart", "Training", "Evaluating", "Succeeded"))
+    operator.restart()
+    st = wait_for("the end", phase_in(cluster, ns, "restart", "Succeeded", "Failed"), timeout=300)
+    assert st["phase"] == "Succeeded", st
+    assert [j["metadata"]["name"] for j in jobs(cluster, ns)] == ["restart-train"]
+    assert st["attempts"] == 1
+
+
+def test_suspend_removes_pods_and_resume_continues_from_the_checkpoint(
+    cluster: Cluster, operator: Operator, tenant: str
+) -> None:
+    ns = tenant
+    doc = example("pausable", training={"checkpointEverySteps": 8, "epochs": 12}, runPolicy={"backoffLimit": 2})
+    apply(cluster, ns, doc)
+    st = wait_for("a checkpoint", lambda: (s := status(cluster, ns, "pausable")).get("checkpoint") and s)
+    job = st["jobName"]
+    cluster.kubectl(
+        "patch", "ft", "pausable", "-n", ns, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}'
+    )
+    wait_for("Suspended", phase_in(cluster, ns, "pausable", "Suspended"))
+    wait_for(
+        "no pods", lambda: not [p for p in pods(cluster, ns, job) if p["status"].get("phase") == "Running"] or None
+    )
+    cluster.kubectl(
+        "patch", "ft", "pausable", "-n", ns, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}'
+    )
+    st = wait_for("the end", phase_in(cluster, ns, "pausable", "Succeeded", "Failed"), timeout=300)
+    assert st["phase"] == "Succeeded", st
+    assert st["progress"]["resumedFromStep"] >= 8
+
+
+def test_kueue_queue_holds_the_job_until_admitted(cluster: Cluster, operator: Operator, tenant: str) -> None:
+    ns = tenant
+    apply(cluster, ns, example("queued", runPolicy={"queueName": "team-a"}, training={"epochs": 1}))
+    st = wait_for("Queued", phase_in(cluster, ns, "queued", "Queued"))
+    assert condition(st, "Queued")["status"] == "True"
+    (job,) = jobs(cluster, ns)
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    time.sleep(2)
+    assert not pods(cluster, ns, job["metadata"]["name"]), "a queued Job started a pod"
+    cluster.kubectl(
+        "patch", "job", job["metadata"]["name"], "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}'
+    )
+    st = wait_for("the end", phase_in(cluster, ns, "queued", "Succeeded", "Failed"), timeout=300)
+    assert condition(st, "Queued")["status"] == "False"
+    assert st["phase"] in ("Succeeded", "Failed")
+    assert condition(st, "Ready")["reason"] in ("Succeeded", "EvalGateFailed")
+
+
+# ----------------------------------------------------------------------------- refusals and recoveries
+
+
+def test_template_guardrail_violation_fails_naming_the_rule(cluster: Cluster, operator: Operator, tenant: str) -> None:
+    ns = tenant
+    template = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneTemplate",
+        "metadata": {"name": f"strict-{ns}"[:63]},
+        "spec": {"guardrails": {"maxEpochs": 4, "allowedBaseModelPrefixes": ["s3://models/"]}},
+    }
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(template))
+    try:
+        apply(cluster, ns, example("too-long", templateRef={"name": template["metadata"]["name"]}))
+        st = wait_for("Failed", phase_in(cluster, ns, "too-long", "Failed"))
+        assert condition(st, "Ready")["reason"] == "TemplateViolation"
+        assert "spec.training.epochs 8 exceeds maxEpochs 4" in st["message"]
+        assert not jobs(cluster, ns)
+    finally:
+        cluster.kubectl("delete", "finetunetemplate", template["metadata"]["name"], check=False)
+
+
+def test_template_defaults_apply_under_the_spec(cluster: Cluster, operator: Operator, tenant: str) -> None:
+    ns = tenant
+    template = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneTemplate",
+        "metadata": {"name": f"defaults-{ns}"[:63]},
+        "spec": {"defaults": {"runPolicy": {"queueName": "platform", "backoffLimit": 1}, "training": {"seed": 7}}},
+    }
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(template))
+    try:
+        apply(cluster, ns, example("templated", templateRef={"name": template["metadata"]["name"]}))
+        (job,) = wait_for("the Job", lambda: jobs(cluster, ns))
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "platform"
+        assert job["spec"]["backoffLimit"] == 1
+        config = get(cluster, ns, "configmap", "templated-trainer-config")
+        assert json.loads(config["data"]["config.json"])["training"]["seed"] == 7  # type: ignore[index]
+        assert json.loads(config["data"]["config.json"])["training"]["epochs"] == 8  # type: ignore[index]
+    finally:
+        cluster.kubectl("delete", "finetunetemplate", template["metadata"]["name"], check=False)
+
+
+def test_failing_gates_end_failed_with_an_unpromotable_adapter(
+    cluster: Cluster, operator: Operator, tenant: str
+) -> None:
+    ns = tenant
+    doc = example("no-ship", training={"epochs": 1})
+    doc["spec"]["evaluation"]["gates"] = [{"metric": "perplexity", "max": "1"}]
+    apply(cluster, ns, doc)
+    st = wait_for("the end", phase_in(cluster, ns, "no-ship", "Succeeded", "Failed"), timeout=300)
+    assert st["phase"] == "Failed"
+    assert condition(st, "Ready")["reason"] == "EvalGateFailed"
+    assert condition(st, "GatesPassed")["status"] == "False"
+    assert st["adapter"]["promotable"] is False
+    assert st["adapter"]["uri"], "the adapter is kept for inspection"
+    assert st["attempts"] == 1
+
+
+def test_missing_credentials_secret_waits_and_recovers(cluster: Cluster, operator: Operator, namespace: str) -> None:
+    ns = namespace  # no Secret yet
+    apply(cluster, ns, example("needs-creds", training={"epochs": 1}))
+    st = wait_for(
+        "StorageCredentialsMissing",
+        lambda: (
+            (s := status(cluster, ns, "needs-creds"))
+            and condition(s, "Validated").get("reason") == "StorageCredentialsMissing"
+            and s
+        ),
+    )
+    assert st["phase"] == "Pending"
+    assert "Secret s3-credentials" in condition(st, "Validated")["message"]
+    assert condition(st, "Stalled")["status"] == "False"
+    assert not jobs(cluster, ns)
+    cluster.kubectl(
+        "create",
+        "secret",
+        "generic",
+        "s3-credentials",
+        "-n",
+        ns,
+        f"--from-literal=AWS_ACCESS_KEY_ID={ACCESS_KEY}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={SECRET_KEY}",
+    )
+    wait_for("the Job", lambda: jobs(cluster, ns), timeout=60)
+    st = wait_for(
+        "validation",
+        lambda: (s := status(cluster, ns, "needs-creds")) and condition(s, "Validated").get("status") == "True" and s,
+    )
+    assert st["phase"] != "Failed"
+
+
+def test_secrets_never_leak(cluster: Cluster, operator: Operator, tenant: str) -> None:
+    # Runs after the others in this module: everything they left behind is searched too.
+    ns = tenant
+    apply(cluster, ns, example("leakcheck", training={"epochs": 1}))
+    wait_for("the end", phase_in(cluster, ns, "leakcheck", "Succeeded", "Failed"), timeout=300)
+    haystacks = {
+        "configmaps": cluster.kubectl("get", "configmaps", "-A", "-o", "yaml").stdout,
+        "finetunes": cluster.kubectl("get", "finetunes", "-A", "-o", "yaml").stdout,
+        "events": cluster.kubectl("get", "events", "-A", "-o", "yaml").stdout,
+        "jobs": cluster.kubectl("get", "jobs", "-A", "-o", "yaml").stdout,
+        "operator log": operator.log(),
+    }
+    for where, text in haystacks.items():
+        for secret in (SECRET_KEY, ACCESS_KEY):
+            assert secret not in text, f"a credential leaked into {where}"
+    assert "secretKeyRef" in haystacks["jobs"]
+
+
+def test_deleting_a_finetune_removes_its_job(cluster: Cluster, operator: Operator, tenant: str) -> None:
+    ns = tenant
+    apply(cluster, ns, example("short-lived", training={"epochs": 1}))
+    wait_for("the Job", lambda: jobs(cluster, ns))
+    cluster.kubectl("delete", "ft", "short-lived", "-n", ns, "--timeout=60s")
+    wait_for("no Job", lambda: not jobs(cluster, ns) or None, timeout=60)
+    assert get(cluster, ns, "configmap", "short-lived-trainer-config") is None
