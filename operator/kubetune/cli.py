@@ -152,6 +152,9 @@ def _operator(args: argparse.Namespace) -> int:
     from kubetune.controllers import operator
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # At DEBUG these log request headers, and an S3 request's headers name the access key.
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     settings = OperatorSettings.from_env(
         metrics_port=args.metrics_port,
         health_port=args.health_port,
