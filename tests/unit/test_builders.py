@@ -185,14 +185,22 @@ def test_multi_node_is_an_indexed_job_with_torchrun() -> None:
     job = build.build_job(ft, p, SETTINGS)
     assert (job["spec"]["completionMode"], job["spec"]["completions"], job["spec"]["parallelism"]) == ("Indexed", 2, 2)
     c = container(job)
-    assert c["command"][:3] == ["torchrun", "--nnodes=2", "--nproc-per-node=8"]
+    assert c["command"][:4] == ["kubetune-trainer", "launch", "--nnodes=2", "--nproc-per-node=8"]
     assert "--node-rank=$(NODE_RANK)" in c["command"]
+    assert c["command"][-2:] == ["--", "run"]
+    assert c["args"][:2] == ["--config", "/etc/kubetune/config.json"]
     assert env(job)["MASTER_ADDR"] == "support-bot-v1-train-0.support-bot-v1-train.team-a.svc"
     assert job["spec"]["template"]["spec"]["subdomain"] == "support-bot-v1-train"
     service = build.build_headless_service(ft, SETTINGS)
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": "support-bot-v1-train"}
     assert "completionMode" not in job_for()["spec"]
+
+
+def test_several_gpus_on_one_node_use_all_of_them() -> None:
+    c = container(job_for(resources={"gpus": 4}))
+    assert c["command"] == ["kubetune-trainer", "launch", "--nnodes=1", "--nproc-per-node=4", "--", "run"]
+    assert container(job_for())["command"] == ["kubetune-trainer"]
 
 
 def test_hf_endpoint_reaches_the_pod() -> None:

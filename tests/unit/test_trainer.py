@@ -144,6 +144,47 @@ def test_gradient_checkpointing_trains_too(tiny_model: Path, tmp_path: Path) -> 
     assert result.final_loss == result.final_loss  # not NaN
 
 
+def test_torchrun_data_parallel_on_cpu(tiny_model: Path, tmp_path: Path) -> None:
+    """What a multi-node Job runs (torchrun), on two local processes over gloo."""
+    cfg = make_config(
+        tmp_path,
+        tiny_model,
+        training={"max_steps": 6, "checkpoint_every_steps": 3},
+        evaluation={"max_new_tokens": 4, "max_examples": 4},
+    )
+    path = tmp_path / "config.json"
+    path.write_text(cfg.model_dump_json())
+    termination = tmp_path / "termination"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kubetune_trainer.cli",
+            "launch",
+            "--nproc-per-node=2",
+            "--",
+            "run",
+            "--config",
+            str(path),
+            "--termination-log",
+            str(termination),
+            "--no-progress-bar",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    summary = json.loads(termination.read_text())  # written once, by rank 0
+    # torchrun itself would exit 1 for a failed worker; launch restores the trainer's code.
+    expected = ExitCode.OK if summary["reason"] == "Succeeded" else ExitCode.GATES_FAILED
+    assert result.returncode == expected, result.stdout + result.stderr
+    assert summary["training"]["worldSize"] == 2
+    assert summary["training"]["steps"] == 6
+    assert summary["adapter"]["digest"].startswith("sha256:")
+    assert list(local(storage.join(cfg.output_uri, "checkpoints")).glob("step-*/COMPLETE"))
+
+
 def test_qlora_on_cpu_fails_fast_with_a_clear_reason(tiny_model: Path, tmp_path: Path) -> None:
     cfg = make_config(tmp_path, tiny_model, method={"type": "QLoRA"})
     code, summary, _ = run_cli(cfg, tmp_path)

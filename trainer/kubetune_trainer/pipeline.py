@@ -42,6 +42,30 @@ class ExitCode(IntEnum):
     STORAGE_UNAVAILABLE = 75  # EX_TEMPFAIL: the store is unreachable, retried
 
 
+BAD_INPUT_REASONS = (
+    "ConfigInvalid",
+    "DataInvalid",
+    "DataNotFound",
+    "BaseModelNotFound",
+    "BaseModelDigestMismatch",
+    "MethodUnavailable",
+    "ArtifactConflict",
+)
+
+
+def exit_code_for(reason: str) -> ExitCode:
+    """The exit code that goes with a summary's reason (``launch`` restores it after torchrun)."""
+    if reason == "Succeeded":
+        return ExitCode.OK
+    if reason in BAD_INPUT_REASONS:
+        return ExitCode.BAD_INPUT
+    return {
+        "EvalGateFailed": ExitCode.GATES_FAILED,
+        "OutOfMemory": ExitCode.OUT_OF_MEMORY,
+        "StorageUnavailable": ExitCode.STORAGE_UNAVAILABLE,
+    }.get(reason, ExitCode.FAILED)
+
+
 class RunError(Exception):
     """A classified failure: an exit code, a CamelCase reason and a message for status."""
 
@@ -105,7 +129,9 @@ def _summary_from_manifest(cfg: TrainerConfig, manifest: dict[str, Any]) -> Summ
     )
 
 
-def prepare(cfg: TrainerConfig, tokenizer: Any, progress: ProgressReporter) -> tuple[Any, dict[str, Any]]:
+def prepare(
+    cfg: TrainerConfig, tokenizer: Any, progress: ProgressReporter, *, write_report: bool = True
+) -> tuple[Any, dict[str, Any]]:
     """Fetch, validate and curate the data; write data/report.json. Returns (curation result, summary)."""
     from kubetune_trainer import data
 
@@ -147,7 +173,8 @@ def prepare(cfg: TrainerConfig, tokenizer: Any, progress: ProgressReporter) -> t
         eval_split=cfg.dataset.eval_split,
     )
     report = data.build_report(loaded, curated, count_tokens)
-    storage.write_json(storage.join(cfg.output_uri, "data", "report.json"), report, settings)
+    if write_report:
+        storage.write_json(storage.join(cfg.output_uri, "data", "report.json"), report, settings)
     summary = {
         "train": len(curated.train),
         "validation": len(curated.validation),
@@ -167,21 +194,28 @@ def _encode_all(tokenizer: Any, examples: Sequence[Any], max_len: int) -> list[A
     return [e for e in encoded if any(t != -100 for t in e.labels)]
 
 
-def run(cfg: TrainerConfig, *, progress_bar: bool | None = None) -> Summary:
-    """Execute the whole run and return its summary; raises RunError for classified failures."""
+def run(cfg: TrainerConfig, *, progress_bar: bool | None = None) -> Summary | None:
+    """Execute the whole run and return its summary; raises RunError for classified failures.
+
+    Under torchrun every rank trains its share; rank 0 alone reports, evaluates
+    and publishes, and the other ranks return None once training is done.
+    """
     from kubetune_trainer import data, evaluate, modeling, publish, train
 
+    world = train.init_world()
+    if world.size > 1:  # ranks on one node must not share download and checkpoint folders
+        cfg = cfg.model_copy(update={"work_dir": str(Path(cfg.work_dir) / f"rank-{world.rank}")})
     settings = _settings(cfg)
     progress = ProgressReporter(
-        storage.join(cfg.output_uri, "progress.json"),
+        storage.join(cfg.output_uri, "progress.json") if world.main else None,
         settings,
         interval=cfg.progress_interval_seconds,
-        bar=progress_bar,
+        bar=progress_bar if world.main else False,
     )
     done = publish.published_manifest(cfg, settings)
     if done is not None:
         log.info("run %s already published; reporting its result", cfg.run_id)
-        return _summary_from_manifest(cfg, done)
+        return _summary_from_manifest(cfg, done) if world.main else None
 
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -201,7 +235,7 @@ def run(cfg: TrainerConfig, *, progress_bar: bool | None = None) -> Summary:
         )
     tokenizer = modeling.load_tokenizer(model_dir)
     try:
-        curated, data_info = prepare(cfg, tokenizer, progress)
+        curated, data_info = prepare(cfg, tokenizer, progress, write_report=world.main)
     except data.DataError as e:
         raise RunError(ExitCode.BAD_INPUT, "DataInvalid", str(e)) from e
 
@@ -222,7 +256,10 @@ def run(cfg: TrainerConfig, *, progress_bar: bool | None = None) -> Summary:
         tokenizer.pad_token_id,
         progress,
         settings,
+        world,
     )
+    if not world.main:
+        return None
     training = {
         "steps": result.steps,
         "epochs": result.epochs,
@@ -233,6 +270,7 @@ def run(cfg: TrainerConfig, *, progress_bar: bool | None = None) -> Summary:
         "resumedFromStep": result.resumed_from_step,
         "precision": runtime.precision,
         "device": runtime.device.type,
+        "worldSize": world.size,
     }
 
     progress.stage("evaluate", "scoring the fine-tune and its baselines")
@@ -310,7 +348,10 @@ def execute(cfg: TrainerConfig, *, termination_log: Path | None, progress_bar: b
     from kubetune_trainer.modeling import MethodConfigError, MethodUnavailableError
 
     try:
-        summary = run(cfg, progress_bar=progress_bar)
+        result = run(cfg, progress_bar=progress_bar)
+        if result is None:  # a torchrun worker: rank 0 reports for the run
+            return int(ExitCode.OK)
+        summary = result
         code = ExitCode.OK if summary.phase == "Succeeded" else ExitCode.GATES_FAILED
     except RunError as e:
         summary, code = Summary("Failed", e.reason, e.message, cfg.run_id), e.code

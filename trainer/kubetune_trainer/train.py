@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,6 +220,38 @@ def load_checkpoint(
 # ----------------------------------------------------------------------------- the loop
 
 
+@dataclass(frozen=True)
+class World:
+    """This process's place in a data-parallel run (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_world() -> World:
+    """Join the process group when started by torchrun; a single process otherwise."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank)
+
+
+def _unwrap(model: Any) -> Any:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def train(
     model: Any,
     train_set: Sequence[Encoded],
@@ -227,15 +261,23 @@ def train(
     pad_id: int,
     progress: ProgressReporter,
     settings: storage.S3Settings,
+    world: World | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place; resume from the run's newest complete checkpoint if there is one."""
+    """Train ``model`` in place; resume from the run's newest complete checkpoint if there is one.
+
+    Data-parallel when ``world.size`` > 1: every rank takes every size-th
+    micro-batch of the shared shuffled order; rank 0 alone validates, writes
+    checkpoints and reports progress.
+    """
+    world = world or World()
     tc = cfg.training
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     batches = _batches(train_set, cfg)
-    if not batches:
+    if len(batches) < world.size:
         raise ValueError("no training batches: every example was dropped or truncated away")
-    steps_per_epoch = math.ceil(len(batches) / tc.gradient_accumulation_steps)
+    per_rank = len(batches) // world.size  # every rank takes the same number of steps
+    steps_per_epoch = math.ceil(per_rank / tc.gradient_accumulation_steps)
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
@@ -251,11 +293,15 @@ def train(
         progress.update(resumed_from_step=step, checkpoint_step=step, checkpoint_uri=uri)
         progress.stage("train", f"resumed from checkpoint at step {step}")
     else:
-        progress.stage("train", f"{total_steps} steps, {len(batches)} micro-batches per epoch")
+        progress.stage("train", f"{total_steps} steps, {per_rank} micro-batches per epoch per rank")
 
+    net = model
+    if world.size > 1:
+        device_ids = [world.local_rank] if runtime.device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     eval_every = tc.eval_every_steps or steps_per_epoch
     progress.update(total_steps=total_steps, step=state.step)
-    model.train()
+    net.train()
     started = time.monotonic()
     tokens_at_start = state.tokens
     last_loss: float | None = None
@@ -264,20 +310,21 @@ def train(
 
     while state.step < total_steps:
         order = _epoch_order(len(batches), tc.seed, state.epoch)
-        while state.batch_in_epoch < len(batches) and state.step < total_steps:
-            micro = [batches[order[i]] for i in range(state.batch_in_epoch, len(batches))][
-                : tc.gradient_accumulation_steps
-            ]
-            collated = [collate(b, pad_id) for b in micro]
+        mine = order[world.rank :: world.size][:per_rank]
+        while state.batch_in_epoch < per_rank and state.step < total_steps:
+            end = min(state.batch_in_epoch + tc.gradient_accumulation_steps, per_rank)
+            collated = [collate(batches[i], pad_id) for i in mine[state.batch_in_epoch : end]]
             targets = sum(int(b["num_target_tokens"]) for b in collated)
             step_loss = 0.0
-            for batch in collated:
+            for index, batch in enumerate(collated):
                 n = int(batch["num_target_tokens"])
-                if n == 0:
-                    continue
-                loss = _forward_loss(model, _to_device(batch, runtime), runtime)
-                # Weight micro-batches by their target tokens so accumulation equals one big batch.
-                (loss * n / max(targets, 1)).backward()  # type: ignore[no-untyped-call]
+                # Gradients are all-reduced once per step, on the last micro-batch.
+                last = index == len(collated) - 1
+                sync = nullcontext() if last or world.size == 1 else net.no_sync()
+                with sync:
+                    loss = _forward_loss(net, _to_device(batch, runtime), runtime)
+                    # Weight micro-batches by their target tokens so accumulation equals one big batch.
+                    (loss * n / max(targets, 1)).backward()  # type: ignore[no-untyped-call]
                 step_loss += float(loss.detach()) * n / max(targets, 1)
                 state.tokens += int(batch["num_tokens"])
             torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
@@ -285,18 +332,19 @@ def train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            state.batch_in_epoch += len(micro)
+            state.batch_in_epoch = end
             window.append(step_loss)
             del window[:-20]
             last_loss = sum(window) / len(window)
 
             elapsed = time.monotonic() - started
-            tps = (state.tokens - tokens_at_start) / elapsed if elapsed > 0 else 0.0
+            tps = world.size * (state.tokens - tokens_at_start) / elapsed if elapsed > 0 else 0.0
             done_steps = state.step - (resumed_from or 0)
             eta = elapsed / done_steps * (total_steps - state.step) if done_steps else None
-            epoch = state.epoch + state.batch_in_epoch / len(batches)
-            if state.step % eval_every == 0 or state.step == total_steps:
-                last_eval = validation_loss(model, validation_set, cfg, runtime, pad_id)
+            epoch = state.epoch + state.batch_in_epoch / per_rank
+            if world.main and (state.step % eval_every == 0 or state.step == total_steps):
+                last_eval = validation_loss(_unwrap(net), validation_set, cfg, runtime, pad_id)
+                net.train()
                 progress.record(step=state.step, loss=round(last_loss, 4), eval_loss=round(last_eval, 4))
                 log.info("step %d/%d loss %.4f val %.4f", state.step, total_steps, last_loss, last_eval)
             progress.update(
@@ -307,12 +355,12 @@ def train(
                 tokens_per_second=round(tps, 1),
                 eta_seconds=None if eta is None else round(eta, 1),
             )
-            if state.step % tc.checkpoint_every_steps == 0 and state.step < total_steps:
+            if world.main and state.step % tc.checkpoint_every_steps == 0 and state.step < total_steps:
                 uri = save_checkpoint(model, optimizer, scheduler, state, cfg, settings)
                 progress.update(
                     message=f"checkpoint at step {state.step}", checkpoint_step=state.step, checkpoint_uri=uri
                 )
-        if state.batch_in_epoch >= len(batches):
+        if state.batch_in_epoch >= per_rank:
             state.epoch += 1
             state.batch_in_epoch = 0
 
@@ -320,10 +368,10 @@ def train(
     model.eval()
     return TrainResult(
         steps=state.step,
-        epochs=round(state.epoch + state.batch_in_epoch / len(batches), 3),
+        epochs=round(state.epoch + state.batch_in_epoch / per_rank, 3),
         final_loss=last_loss,
         final_eval_loss=last_eval,
-        tokens_per_second=(state.tokens - tokens_at_start) / elapsed if elapsed > 0 else 0.0,
+        tokens_per_second=world.size * (state.tokens - tokens_at_start) / elapsed if elapsed > 0 else 0.0,
         train_seconds=elapsed,
         resumed_from_step=resumed_from,
     )

@@ -266,28 +266,23 @@ def build_job(finetune: FineTune, plan: Plan, settings: OperatorSettings) -> dic
     ]
     if settings.hf_endpoint:
         env.append({"name": "HF_ENDPOINT", "value": settings.hf_endpoint})
-    if nodes > 1:
-        service = job
-        env += [
-            {
-                "name": "NODE_RANK",
-                "valueFrom": {
-                    "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+    if nodes > 1 or gpus > 1:
+        # torchrun, through the trainer's `launch`, which keeps the exit codes podFailurePolicy reads.
+        launch = [*command, "launch", f"--nnodes={nodes}", f"--nproc-per-node={max(gpus, 1)}"]
+        if nodes > 1:
+            env += [
+                {
+                    "name": "NODE_RANK",
+                    "valueFrom": {
+                        "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+                    },
                 },
-            },
-            {"name": "MASTER_ADDR", "value": f"{job}-0.{service}.{namespace}.svc"},
-            {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
-        ]
-        command = [
-            "torchrun",
-            f"--nnodes={nodes}",
-            f"--nproc-per-node={max(gpus, 1)}",
-            "--node-rank=$(NODE_RANK)",
-            "--master-addr=$(MASTER_ADDR)",
-            "--master-port=$(MASTER_PORT)",
-            "-m",
-            "kubetune_trainer.cli",
-        ]
+                {"name": "MASTER_ADDR", "value": f"{job}-0.{job}.{namespace}.svc"},
+                {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+            ]
+            launch += ["--node-rank=$(NODE_RANK)", "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)"]
+        command = [*launch, "--", args[0]]
+        args = args[1:]
 
     container: dict[str, Any] = {
         "name": TRAINER_CONTAINER,

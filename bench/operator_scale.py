@@ -1,0 +1,873 @@
+"""Operator scale: how fast and how frugally the kubetune operator turns a burst of FineTunes into Jobs.
+
+Why: a platform team submits FineTunes in bursts (a sweep, a nightly batch of
+tenants). What a user feels is the time from ``create`` to a training Job
+existing; what the API server feels is how many requests the operator spends
+per FineTune to get there. Both are measured here against a real control plane
+(the test cluster of ``tests/cluster``: etcd, kube-apiserver and the
+controller manager, a fake kubelet, a loopback S3), with the operator as its
+own process, exactly as ``kubetune operator`` runs in a pod.
+
+What one run does, per size N (``--sizes 100,500``), each in a fresh namespace
+and with a fresh operator process:
+
+1. start the operator with its kubeconfig pointing at a counting reverse proxy
+   (``bench/_proxy.py``: plain HTTP on 127.0.0.1 to the operator, verified TLS
+   to the API server, responses streamed chunk by chunk so watches are live),
+   and wait for its ``/healthz`` and for its FineTune and Job watches;
+2. create the N FineTunes (``docs/examples/finetune-support-router.yaml``,
+   named ``ft-0001``...) "at once": concurrent creates through the API from a
+   thread pool (``--create-concurrency``), each timed on the monotonic clock
+   just before and just after its call;
+3. watch Jobs in the namespace and take the arrival time of each Job's ADDED
+   event; the latency of a FineTune is that arrival minus its create call;
+4. sample the operator's RSS (with children) every 0.2 s, and the CPU time of
+   every process of the setup;
+5. after the last Job, keep watching for ``--settle`` seconds (requests that
+   follow Job creation: status mirroring, events), then stop the operator,
+   strip the FineTunes' finalizers (nobody is left to remove them), delete
+   the namespace.
+
+How to read the output (one JSON document on stdout; progress on stderr):
+
+- ``runs[].latency_s.from_create_start`` is the conservative latency (the
+  object may have been committed up to the create call's duration later);
+  ``from_create_end`` is the optimistic one. The 1 s resolution server
+  timestamps are given as a cross-check only. The targets use the
+  conservative figure.
+- ``runs[].requests.up_to_jobs`` counts the operator's requests from its
+  start until the moment the last Job was seen; ``writes_per_finetune`` is
+  POST+PUT+PATCH+DELETE of that window divided by N. ``startup`` and
+  ``settle`` are the windows before the first create and after the last Job.
+  ``by_category`` classifies by resource path (``finetunes/status`` is the
+  status subresource; ``other`` is discovery, CRDs and the like).
+- ``runs[].cpu_s_up_to_jobs`` tells where this machine's CPU went between
+  the first create and the last Job (the operator competes with the API
+  server, etcd, the controller manager and the fake kubelet's pods).
+- ``targets`` says pass/fail against the goals: p99 ≤ 2 s at 100 FineTunes,
+  ≤ 6 write requests per FineTune up to Job-created (every size).
+
+Usage: ``.venv/bin/python bench/operator_scale.py [--sizes 100,500] [--settle 10] [--keep]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import platform
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from kubernetes import client as k8s  # noqa: E402
+from kubernetes import config as k8s_config  # noqa: E402
+from kubernetes import watch as k8s_watch  # noqa: E402
+from kubernetes.client.exceptions import ApiException  # noqa: E402
+
+from tests.cluster import Cluster  # noqa: E402
+
+MANIFEST = ROOT / "docs" / "examples" / "finetune-support-router.yaml"
+PROXY = Path(__file__).with_name("_proxy.py")
+GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunes"
+FINETUNE_LABEL = "kubetune.io/finetune"
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+CATEGORIES = ("finetunes", "finetunes/status", "jobs", "configmaps", "secrets", "events", "pods", "other")
+TARGET_P99_S = 2.0
+TARGET_P99_SIZE = 100
+TARGET_WRITES_PER_FINETUNE = 6.0
+# Fake credentials: the loopback S3 accepts any key.
+ACCESS_KEY, SECRET_KEY = "AKIAKUBETUNEBENCH001", "kubetune-bench-secret"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def percentiles(values: Iterable[float]) -> dict[str, float | int | None]:
+    """Nearest-rank p50/p95/p99, max and mean of ``values``, rounded to the millisecond."""
+    data = sorted(values)
+    if not data:
+        return {"n": 0, "p50": None, "p95": None, "p99": None, "max": None, "mean": None}
+
+    def rank(p: float) -> float:
+        return data[max(0, math.ceil(p / 100 * len(data)) - 1)]
+
+    return {
+        "n": len(data),
+        "p50": round(rank(50), 3),
+        "p95": round(rank(95), 3),
+        "p99": round(rank(99), 3),
+        "max": round(data[-1], 3),
+        "mean": round(sum(data) / len(data), 3),
+    }
+
+
+def parse_ts(value: str) -> float:
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+
+
+def api_client(cluster: Cluster, pool: int) -> k8s.ApiClient:
+    """An admin client whose connection pool holds ``pool`` connections (the default is 5 per CPU)."""
+    cfg = k8s.Configuration()
+    k8s_config.load_kube_config(config_file=str(cluster.kubeconfig), client_configuration=cfg)  # type: ignore[no-untyped-call]
+    cfg.connection_pool_maxsize = pool
+    return k8s.ApiClient(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+def process_cpu_s(proc: psutil.Process) -> float:
+    """User+system CPU of a process and its waited-for children; 0 once it is gone."""
+    try:
+        t = proc.cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(t.user + t.system + t.children_user + t.children_system)
+
+
+def tree_cpu_s(proc: psutil.Process) -> float:
+    total = process_cpu_s(proc)
+    with contextlib.suppress(psutil.Error):
+        for child in proc.children(recursive=True):
+            total += process_cpu_s(child)
+    return total
+
+
+class RssSampler(threading.Thread):
+    """Peak RSS of a process and its children, sampled every ``interval`` seconds."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        super().__init__(daemon=True, name="rss-sampler")
+        self.proc = psutil.Process(pid)
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self.marked_peak: int | None = None
+        self._stop_event = threading.Event()
+
+    def sample(self) -> None:
+        try:
+            rss = self.proc.memory_info().rss
+            for child in self.proc.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    rss += child.memory_info().rss
+        except psutil.Error:
+            return
+        self.peak = max(self.peak, rss)
+        self.samples += 1
+
+    def mark(self) -> None:
+        """Remember the peak so far (the peak up to the last Job)."""
+        self.sample()
+        self.marked_peak = self.peak
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+
+
+@dataclass
+class ProxyProcess:
+    """``bench/_proxy.py`` as a subprocess, and the JSON-lines log of what it forwarded."""
+
+    popen: subprocess.Popen[str]
+    port: int
+    log_path: Path
+
+    @classmethod
+    def start(cls, cluster: Cluster, workdir: Path) -> ProxyProcess:
+        log_path = workdir / "requests.jsonl"
+        popen = subprocess.Popen(
+            [
+                sys.executable,
+                str(PROXY),
+                f"--upstream={cluster.server}",
+                f"--ca={cluster.control_plane.ca_file}",
+                f"--log={log_path}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=(workdir / "proxy.err").open("ab"),
+            text=True,
+            start_new_session=True,
+        )
+        assert popen.stdout is not None
+        line = popen.stdout.readline().strip()
+        if not line.startswith("listening "):
+            popen.kill()
+            raise RuntimeError(f"the proxy did not start: {line!r}; see {workdir / 'proxy.err'}")
+        return cls(popen, int(line.split()[1]), log_path)
+
+    def requests(self) -> list[dict[str, Any]]:
+        if not self.log_path.exists():
+            return []
+        lines = self.log_path.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
+
+
+def write_kubeconfig(path: Path, server: str, token: str) -> None:
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "bench-proxy", "cluster": {"server": server}}],
+        "users": [{"name": "admin", "user": {"token": token}}],
+        "contexts": [{"name": "bench-proxy", "context": {"cluster": "bench-proxy", "user": "admin"}}],
+        "current-context": "bench-proxy",
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.chmod(0o600)
+
+
+@dataclass
+class OperatorProcess:
+    """``python -m kubetune.cli operator`` as the bench runs it."""
+
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    health_port: int
+    metrics_port: int
+    env: dict[str, str]
+
+    @classmethod
+    def start(cls, cluster: Cluster, workdir: Path, kubeconfig: Path, log_level: str) -> OperatorProcess:
+        health_port, metrics_port = free_port(), free_port()
+        env = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": str(workdir),
+            "KUBECONFIG": str(kubeconfig),
+            "KUBETUNE_TRAINER_COMMAND": "true",
+            "KUBETUNE_DEFAULT_OUTPUT_URI": "s3://adapters/",
+            "KUBETUNE_DEFAULT_STORAGE_ENDPOINT": cluster.s3.endpoint_url,
+            "KUBETUNE_DEFAULT_STORAGE_SECRET": "s3-credentials",
+            "KUBETUNE_METRICS_PORT": str(metrics_port),
+            "KUBETUNE_HEALTH_PORT": str(health_port),
+        }
+        log_path = workdir / "operator.log"
+        with log_path.open("ab") as out:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "kubetune.cli", "operator", "--log-level", log_level],
+                env=env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return cls(popen, log_path, health_port, metrics_port, env)
+
+    def healthy(self) -> bool:
+        if self.popen.poll() is not None:
+            raise RuntimeError(f"the operator exited ({self.popen.returncode}):\n{self.log()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> int | None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
+        return self.popen.returncode
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> float:
+    """Poll ``check``; the seconds it took. Raise TimeoutError after ``timeout``."""
+    began = time.monotonic()
+    while not check():
+        if time.monotonic() - began > timeout:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+    return time.monotonic() - began
+
+
+# ---------------------------------------------------------------------------------------------- watching Jobs
+
+
+class JobWatch(threading.Thread):
+    """Arrival time (monotonic) of the first event of each Job in a namespace."""
+
+    def __init__(self, api: k8s.ApiClient, namespace: str) -> None:
+        super().__init__(daemon=True, name="job-watch")
+        self.batch = k8s.BatchV1Api(api)
+        self.namespace = namespace
+        self.first_seen: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.events: Counter[str] = Counter()
+        self.restarts = 0
+        self.error: str | None = None
+        self.ready = threading.Event()
+        self.changed = threading.Condition()
+        self._stopping = threading.Event()
+        self._watch: k8s_watch.Watch | None = None
+
+    def run(self) -> None:
+        try:
+            resource_version = self.batch.list_namespaced_job(self.namespace).metadata.resource_version
+            self.ready.set()
+            while not self._stopping.is_set():
+                self._watch = k8s_watch.Watch()
+                stream = self._watch.stream(
+                    self.batch.list_namespaced_job,
+                    self.namespace,
+                    resource_version=resource_version,
+                    allow_watch_bookmarks=True,
+                    timeout_seconds=30,
+                    deserialize=False,
+                )
+                for event in stream:
+                    arrived = time.monotonic()
+                    kind, obj = event["type"], event["object"]
+                    self.events[kind] += 1
+                    if kind == "ERROR":
+                        raise RuntimeError(f"watch error: {obj}")
+                    resource_version = obj["metadata"]["resourceVersion"]
+                    if kind == "BOOKMARK":
+                        continue
+                    name = obj["metadata"]["name"]
+                    if kind in ("ADDED", "MODIFIED") and name not in self.first_seen:
+                        with self.changed:
+                            self.first_seen[name] = (arrived, obj)
+                            self.changed.notify_all()
+                self.restarts += 1
+        except Exception as e:  # reported in the output: a broken watch makes the latencies meaningless
+            self.error = f"{type(e).__name__}: {e}"
+            self.ready.set()
+            with self.changed:
+                self.changed.notify_all()
+
+    def wait_count(self, count: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while len(self.first_seen) < count and self.error is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.changed.wait(min(left, 1.0))
+        return len(self.first_seen) >= count
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._watch is not None:
+            self._watch.stop()
+
+
+# ---------------------------------------------------------------------------------------------- one size
+
+
+@dataclass
+class Created:
+    name: str
+    before: float
+    after: float
+    wall_before: float
+    creation_timestamp: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class SizeRun:
+    size: int
+    namespace: str
+    workdir: Path
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def finetune_body(template: dict[str, Any], name: str, namespace: str) -> dict[str, Any]:
+    body = copy.deepcopy(template)
+    body["metadata"] = {"name": name, "namespace": namespace}
+    return body
+
+
+def create_all(
+    api: k8s.ApiClient, namespace: str, template: dict[str, Any], size: int, concurrency: int
+) -> list[Created]:
+    custom = k8s.CustomObjectsApi(api)
+
+    def create(i: int) -> Created:
+        name = f"ft-{i:04d}"
+        body = finetune_body(template, name, namespace)
+        wall = time.time()
+        before = time.monotonic()
+        try:
+            obj = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+        except ApiException as e:
+            return Created(name, before, time.monotonic(), wall, error=f"{e.status} {e.reason}")
+        after = time.monotonic()
+        return Created(name, before, after, wall, creation_timestamp=obj["metadata"]["creationTimestamp"])
+
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="create") as pool:
+        return list(pool.map(create, range(1, size + 1)))
+
+
+def summarize_requests(requests: list[dict[str, Any]], size: int) -> dict[str, Any]:
+    writes = [r for r in requests if r["m"] in WRITE_METHODS]
+    reads = [r for r in requests if r["m"] not in WRITE_METHODS]
+    by_method = Counter(r["m"] for r in requests)
+    by_category = {
+        c: dict(Counter(r["m"] + (" (watch)" if r["w"] else "") for r in requests if r["c"] == c))
+        for c in CATEGORIES
+        if any(r["c"] == c for r in requests)
+    }
+    writes_by = Counter(f"{r['m']} {r['c']}" for r in writes)
+    return {
+        "total": len(requests),
+        "writes": len(writes),
+        "reads": len(reads),
+        "watches": sum(1 for r in reads if r["w"]),
+        "writes_per_finetune": round(len(writes) / size, 3),
+        "reads_per_finetune": round(len(reads) / size, 3),
+        "writes_per_finetune_by_kind": {k: round(v / size, 3) for k, v in sorted(writes_by.items())},
+        "by_method": dict(sorted(by_method.items())),
+        "by_category": by_category,
+        "non_2xx_by_status": dict(
+            sorted(Counter(f"{r['m']} {r['c']} {r['s']}" for r in requests if r["s"] >= 300).items())
+        ),
+        "write_response_s": percentiles(r["dt"] for r in writes),
+        "read_response_s": percentiles(r["dt"] for r in reads if not r["w"]),
+    }
+
+
+LEVEL = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
+
+
+def operator_log_summary(text: str, limit: int = 12) -> dict[str, Any]:
+    """Lines by level, and the first distinct WARNING/ERROR lines (digits and names masked to group them)."""
+    levels: Counter[str] = Counter()
+    excerpts: list[str] = []
+    shapes: Counter[str] = Counter()
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        match = LEVEL.match(line)
+        if not match:
+            continue
+        level = match.group(1)
+        levels[level] += 1
+        if level in ("WARNING", "ERROR", "CRITICAL"):
+            message = line[match.end() :]
+            shape = re.sub(r"ft-\d+|\d+(\.\d+)?", "#", message)[:160]
+            shapes[shape] += 1
+            if shapes[shape] == 1 and len(excerpts) < limit:
+                follow = [ln for ln in lines[i + 1 : i + 40] if not LEVEL.match(ln)]
+                tail = ("\n" + "\n".join(follow[-3:])) if follow else ""
+                excerpts.append(line[:600] + tail[:600])
+    handler_lines = sum(1 for line in lines if "Handler 'launch' succeeded" in line)
+    return {
+        "lines_by_level": dict(levels),
+        "launch_handler_succeeded_lines": handler_lines,
+        "distinct_warning_error_shapes": dict(shapes.most_common(limit)),
+        "excerpts": excerpts,
+    }
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """The operator's kubetune_* samples (reconcile histogram sum/count, launches)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError as e:
+        return {"error": str(e)}  # type: ignore[dict-item]
+    wanted = (
+        "kubetune_job_launches_total",
+        "kubetune_reconcile_duration_seconds_sum",
+        "kubetune_reconcile_duration_seconds_count",
+    )
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(wanted):
+            key, _, value = line.rpartition(" ")
+            out[key] = round(float(value), 3)
+    return out
+
+
+def setup_namespace(api: k8s.ApiClient, namespace: str) -> None:
+    core = k8s.CoreV1Api(api)
+    core.create_namespace({"metadata": {"name": namespace}})
+    core.create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": "s3-credentials"},
+            "stringData": {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY},
+        },
+    )
+    wait_for(lambda: bool(core.list_namespaced_service_account(namespace).items), 60, f"ServiceAccount in {namespace}")
+
+
+def cleanup_namespace(api: k8s.ApiClient, namespace: str, timeout: float) -> dict[str, Any]:
+    """Strip finalizers (the operator is stopped), delete the namespace, wait (bounded) for it to go."""
+    began = time.monotonic()
+    custom, core = k8s.CustomObjectsApi(api), k8s.CoreV1Api(api)
+    items = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+
+    def strip(name: str) -> None:
+        with contextlib.suppress(ApiException):
+            custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, {"metadata": {"finalizers": None}}
+            )
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(strip, [i["metadata"]["name"] for i in items if i["metadata"].get("finalizers")]))
+    core.delete_namespace(namespace)
+
+    def gone() -> bool:
+        try:
+            core.read_namespace(namespace)
+        except ApiException as e:
+            return e.status == 404
+        return False
+
+    try:
+        wait_for(gone, timeout, f"namespace {namespace} to be deleted", interval=1.0)
+        deleted = True
+    except TimeoutError:
+        deleted = False
+    return {"seconds": round(time.monotonic() - began, 1), "namespace_gone": deleted}
+
+
+def run_size(
+    cluster: Cluster, api: k8s.ApiClient, size: int, args: argparse.Namespace, workdir: Path
+) -> dict[str, Any]:
+    namespace = f"bench-{size}-{secrets.token_hex(3)}"
+    workdir = workdir / namespace
+    workdir.mkdir(parents=True)
+    template = yaml.safe_load(MANIFEST.read_text(encoding="utf-8"))
+    result: dict[str, Any] = {"size": size, "namespace": namespace, "workdir": str(workdir)}
+    setup_namespace(api, namespace)
+
+    proxy = ProxyProcess.start(cluster, workdir)
+    kubeconfig = workdir / "operator.kubeconfig"
+    write_kubeconfig(kubeconfig, f"http://127.0.0.1:{proxy.port}", cluster.token)
+    operator: OperatorProcess | None = None
+    sampler: RssSampler | None = None
+    watch = JobWatch(api, namespace)
+    try:
+        t_start = time.monotonic()
+        operator = OperatorProcess.start(cluster, workdir, kubeconfig, args.operator_log_level)
+        sampler = RssSampler(operator.popen.pid)
+        sampler.start()
+        result["operator_healthy_after_s"] = round(wait_for(operator.healthy, 60, "the operator's /healthz", 0.1), 2)
+
+        def watching() -> bool:
+            operator.healthy()  # raises if it died
+            seen = {r["c"] for r in proxy.requests() if r["w"]}
+            return {"finetunes", "jobs"} <= seen
+
+        wait_for(watching, 30, "the operator's FineTune and Job watches", 0.1)
+        result["operator_watching_after_s"] = round(time.monotonic() - t_start, 2)
+
+        watch.start()
+        watch.ready.wait(30)
+        time.sleep(1.0)  # let startup requests settle, so the startup window is the operator's alone
+
+        procs = {
+            **{s.name: psutil.Process(s.popen.pid) for s in cluster.control_plane.services},
+            "fake-kubelet (+pods)": psutil.Process(cluster.kubelet.popen.pid),
+            "s3": psutil.Process(cluster.s3.service.popen.pid),
+            "operator": psutil.Process(operator.popen.pid),
+            "proxy": psutil.Process(proxy.popen.pid),
+            "bench": psutil.Process(),
+        }
+        cpu_before = {name: tree_cpu_s(p) for name, p in procs.items()}
+        machine_before = psutil.cpu_times()
+
+        log(f"N={size}: creating {size} FineTunes in {namespace} ({args.create_concurrency} concurrent creates)")
+        t_apply = time.monotonic()
+        created = create_all(api, namespace, template, size, args.create_concurrency)
+        t_applied = time.monotonic()
+        failed = [c for c in created if c.error]
+        all_jobs = watch.wait_count(size - len(failed), args.timeout)
+        t_jobs = time.monotonic()
+        sampler.mark()
+        cpu_after = {name: tree_cpu_s(p) for name, p in procs.items()}
+        machine_after = psutil.cpu_times()
+        operator_alive = operator.popen.poll() is None
+
+        seen = dict(watch.first_seen)
+        by_finetune = {(obj["metadata"].get("labels") or {}).get(FINETUNE_LABEL): (t, obj) for t, obj in seen.values()}
+        last_job = max((t for t, _ in seen.values()), default=t_jobs)
+        window_end = last_job if all_jobs else t_jobs
+        log(
+            f"N={size}: {len(seen)}/{size} Jobs after {window_end - t_apply:.1f}s"
+            + ("" if all_jobs else f" (timed out after {args.timeout:.0f}s)")
+        )
+
+        if args.settle > 0 and operator_alive:
+            time.sleep(args.settle)
+        t_settled = time.monotonic()
+        custom = k8s.CustomObjectsApi(api)
+        phases = Counter(
+            (item.get("status") or {}).get("phase", "<none>")
+            for item in custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+        )
+        result["operator_metrics"] = scrape_metrics(operator.metrics_port)
+    finally:
+        watch.stop()
+        exit_code = operator.stop() if operator is not None else None
+        if sampler is not None:
+            sampler.stop()
+        proxy.stop()
+
+    # ------------------------------------------------------------------ results
+    upper, lower, server = [], [], []
+    missing = []
+    for c in created:
+        if c.error:
+            continue
+        hit = by_finetune.get(c.name)
+        if hit is None:
+            missing.append(c.name)
+            continue
+        t_seen, job = hit
+        upper.append(t_seen - c.before)
+        lower.append(t_seen - c.after)
+        if c.creation_timestamp and job["metadata"].get("creationTimestamp"):
+            server.append(parse_ts(job["metadata"]["creationTimestamp"]) - parse_ts(c.creation_timestamp))
+    requests = proxy.requests()
+    result["apply"] = {
+        "method": f"concurrent creates through the API (CustomObjectsApi, {args.create_concurrency} threads)",
+        "wall_s": round(t_applied - t_apply, 3),
+        "create_call_s": percentiles(c.after - c.before for c in created),
+        "errors": dict(Counter(c.error for c in failed if c.error)),
+    }
+    result["jobs"] = {
+        "seen": len(seen),
+        "expected": size - len(failed),
+        "missing": len(missing),
+        "missing_examples": missing[:10],
+        "all_seen": all_jobs,
+        "first_after_create_start_s": round(min((t for t, _ in seen.values()), default=t_apply) - t_apply, 3),
+        "last_after_create_start_s": round(window_end - t_apply, 3),
+        "jobs_per_s": round(len(seen) / max(window_end - t_apply, 1e-9), 1),
+        "watch_events": dict(watch.events),
+        "watch_restarts": watch.restarts,
+        "watch_error": watch.error,
+    }
+    result["latency_s"] = {
+        "from_create_start": percentiles(upper),
+        "from_create_end": percentiles(lower),
+        "server_timestamps_1s_resolution": percentiles(server),
+    }
+    result["requests"] = {
+        "up_to_jobs": summarize_requests([r for r in requests if r["t"] <= window_end], size),
+        "startup": summarize_requests([r for r in requests if r["t"] < t_apply], size),
+        "create_to_jobs": summarize_requests([r for r in requests if t_apply <= r["t"] <= window_end], size),
+        "settle": {
+            "seconds": round(t_settled - window_end, 1),
+            **summarize_requests([r for r in requests if window_end < r["t"] <= t_settled], size),
+        },
+    }
+    busy = sum(
+        getattr(machine_after, f) - getattr(machine_before, f) for f in ("user", "system", "nice", "irq", "softirq")
+    )
+    span = t_jobs - t_apply
+    result["cpu_s_up_to_jobs"] = {
+        "window_s": round(span, 2),
+        "machine_busy_fraction": round(busy / max(span * (os.cpu_count() or 1), 1e-9), 3),
+        "by_process": {
+            name: round(cpu_after[name] - cpu_before[name], 2)
+            for name in sorted(procs, key=lambda n: cpu_before[n] - cpu_after[n])
+        },
+    }
+    result["operator"] = {
+        "peak_rss_mib": round((sampler.peak if sampler else 0) / 2**20, 1),
+        "peak_rss_mib_up_to_jobs": round((sampler.marked_peak or 0) / 2**20, 1),
+        "rss_samples": sampler.samples if sampler else 0,
+        "exit_code": exit_code,
+        "alive_at_last_job": operator_alive,
+        "log": operator_log_summary(operator.log() if operator else ""),
+    }
+    result["finetune_phases_after_settle"] = dict(phases)
+    result["cleanup"] = cleanup_namespace(api, namespace, args.cleanup_timeout)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- environment
+
+
+def versions(cluster: Cluster | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"python": platform.python_version()}
+    for dist in ("kubetune", "kopf", "kubernetes", "aiohttp", "psutil", "moto"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    git = ["git", "-C", str(ROOT)]
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        out["git_commit"] = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        porcelain = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True, check=True).stdout
+        out["git_dirty"] = bool(porcelain.strip())
+    if cluster is not None:
+        with contextlib.suppress(Exception):
+            server = json.loads(cluster.kubectl("version", "-o", "json").stdout).get("serverVersion", {})
+            out["kube_apiserver"] = server.get("gitVersion")
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+            etcd = subprocess.run(
+                [str(cluster.bin_dir / "etcd"), "--version"], capture_output=True, text=True, check=True
+            )
+            out["etcd"] = etcd.stdout.splitlines()[0].split(":", 1)[-1].strip()
+    return out
+
+
+def machine() -> dict[str, Any]:
+    model = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "platform": platform.platform(),
+        "cpu_model": model,
+        "cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+    }
+
+
+def targets(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    at = next((r for r in runs if r["size"] == TARGET_P99_SIZE), None)
+    p99 = at["latency_s"]["from_create_start"]["p99"] if at else None
+    complete = bool(at and at["jobs"]["all_seen"])
+    writes = {str(r["size"]): r["requests"]["up_to_jobs"]["writes_per_finetune"] for r in runs}
+    return {
+        "p99_job_created_s_at_100": {
+            "value": p99,
+            "limit": TARGET_P99_S,
+            "measured": at is not None,
+            "pass": bool(at is not None and complete and p99 is not None and p99 <= TARGET_P99_S),
+        },
+        "writes_per_finetune_up_to_job_created": {
+            "values": writes,
+            "limit": TARGET_WRITES_PER_FINETUNE,
+            "pass": bool(runs)
+            and all(r["jobs"]["all_seen"] for r in runs)
+            and all(v <= TARGET_WRITES_PER_FINETUNE for v in writes.values()),
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--sizes", default="100,500", help="comma-separated numbers of FineTunes (default 100,500)")
+    parser.add_argument("--create-concurrency", type=int, default=32, help="concurrent create calls (default 32)")
+    parser.add_argument("--timeout", type=float, default=240, help="seconds to wait for all Jobs of one size")
+    parser.add_argument("--settle", type=float, default=10, help="seconds to keep counting after the last Job")
+    parser.add_argument("--cleanup-timeout", type=float, default=120, help="seconds to wait for a namespace to go")
+    parser.add_argument("--operator-log-level", default="INFO", help="the operator's --log-level (default INFO)")
+    parser.add_argument("--workdir", help="where the cluster and logs go (default: a new temporary folder)")
+    parser.add_argument("--keep", action="store_true", help="keep the working folder (logs) afterwards")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kubetune-bench-")).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "benchmark": "operator_scale",
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": {
+            "sizes": sizes,
+            "manifest": str(MANIFEST.relative_to(ROOT)),
+            "apply": "concurrent creates through the API server (kubernetes CustomObjectsApi from a thread pool)",
+            "create_concurrency": args.create_concurrency,
+            "timeout_s": args.timeout,
+            "settle_s": args.settle,
+            "operator": "python -m kubetune.cli operator (cluster-wide, default --workers 8), fresh per size",
+            "operator_log_level": args.operator_log_level,
+            "operator_env": {
+                "KUBETUNE_TRAINER_COMMAND": "true",
+                "KUBETUNE_DEFAULT_OUTPUT_URI": "s3://adapters/",
+                "KUBETUNE_DEFAULT_STORAGE_SECRET": "s3-credentials",
+            },
+            "api_path": "operator -> counting proxy (plain HTTP, 127.0.0.1) -> kube-apiserver (TLS)",
+        },
+        "machine": machine(),
+        "workdir": str(workdir) if args.keep else None,
+        "runs": [],
+    }
+    cluster: Cluster | None = None
+    error: BaseException | None = None
+    began = time.monotonic()
+    try:
+        log(f"starting the test cluster in {workdir}")
+        cluster = Cluster.start(workdir / "cluster")
+        report["cluster_start_s"] = round(time.monotonic() - began, 1)
+        report["versions"] = versions(cluster)
+        cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(ROOT / "crds"))
+        cluster.s3.create_bucket("adapters")
+        with api_client(cluster, pool=max(8, args.create_concurrency + 4)) as api:
+            for size in sizes:
+                run = run_size(cluster, api, size, args, workdir)
+                report["runs"].append(run)
+                cluster.ensure_running()
+    except BaseException as e:
+        error = e
+        report["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        if cluster is not None:
+            log("stopping the test cluster")
+            cluster.stop()
+        report["targets"] = targets(report["runs"])
+        report["total_s"] = round(time.monotonic() - began, 1)
+        print(json.dumps(report, indent=2))
+        if not args.keep and error is None:
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
