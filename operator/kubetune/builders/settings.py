@@ -15,7 +15,13 @@ class OperatorSettings:
     """Image of training pods when neither the FineTune nor its template names one."""
 
     trainer_command: tuple[str, ...] = ("kubetune-trainer",)
-    """Entrypoint of the trainer in that image."""
+    """Entrypoint of the trainer in that image (also runs the reference server and the fetch init containers)."""
+
+    vllm_image: str = "vllm/vllm-openai:v0.11.0"
+    """Image of the vllm serving runtime."""
+
+    rollout_interval_seconds: float = 5.0
+    """How often the operator checks AdapterDeployment rollouts (canary readiness, deadlines, FineTunes)."""
 
     default_output_uri: str | None = None
     """Artifact root for FineTunes without spec.output.uri (e.g. s3://adapters/)."""

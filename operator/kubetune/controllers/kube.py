@@ -58,6 +58,41 @@ class Kube:
     def custom(self) -> k8s.CustomObjectsApi:
         return k8s.CustomObjectsApi(self.api)
 
+    @property
+    def apps(self) -> k8s.AppsV1Api:
+        return k8s.AppsV1Api(self.api)
+
+    def read_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._to_dict(self.apps.read_namespaced_deployment(name, namespace))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def delete_deployment(self, namespace: str, name: str) -> None:
+        try:
+            self.apps.delete_namespaced_deployment(name, namespace, propagation_policy="Background")
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    def pods(self, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
+        return [self._to_dict(p) for p in self.core.list_namespaced_pod(namespace, label_selector=selector).items]
+
+    def termination_message(self, namespace: str, job: str) -> str | None:
+        """The newest termination message among a Job's pods."""
+        newest: tuple[str, str] | None = None
+        for pod in self.job_pods(namespace, job):
+            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+                term = (cs.get("state") or {}).get("terminated") or {}
+                if term.get("message"):
+                    key = str(term.get("finishedAt") or "")
+                    if newest is None or key > newest[0]:
+                        newest = (key, str(term["message"]).strip())
+        return newest[1] if newest else None
+
     def _to_dict(self, obj: Any) -> dict[str, Any]:
         data: dict[str, Any] = self.api.sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]
         return data

@@ -12,7 +12,7 @@ from kubernetes import config as k8s_config
 from prometheus_client import start_http_server
 
 from kubetune.builders.settings import OperatorSettings
-from kubetune.controllers import finetune
+from kubetune.controllers import adapterdeployment, finetune
 from kubetune.controllers.kube import Kube
 
 log = logging.getLogger("kubetune")
@@ -51,6 +51,7 @@ def build_registry(settings: OperatorSettings, *, workers: int) -> kopf.Operator
         memo.kube = Kube(api=api_client())
 
     finetune.register(settings, registry)
+    adapterdeployment.register(settings, registry)
     return registry
 
 

@@ -1,0 +1,456 @@
+"""AdapterDeployment → revisions, gate decisions, and the serving Deployments, Service and eval Job.
+
+Pure functions: the controller feeds in what it read (the AdapterDeployment,
+the FineTune its adapter comes from, the current status) and applies what
+comes out. Two runtimes:
+
+- ``kubetune``: the reference server (``kubetune-trainer serve``) from the
+  trainer image; CPU-capable, what the end-to-end tests drive.
+- ``vllm``: vLLM's OpenAI server with ``--enable-lora``; base model and adapter
+  are fetched (and the adapter's digest verified) by an init container.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from kubetune.api.adapterdeployment import AdapterDeployment, DeploymentGate
+from kubetune.api.finetune import LOWER_IS_BETTER
+from kubetune.api.types import GROUP_VERSION
+from kubetune.builders.settings import OperatorSettings
+
+Role = Literal["stable", "canary"]
+MODELS_MOUNT = "/models"
+ADEP_LABEL = "kubetune.io/adapterdeployment"
+ROLE_LABEL = "kubetune.io/role"
+# vLLM accepts only these values for --max-lora-rank.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An adapter source resolved to something servable."""
+
+    adapter_uri: str
+    adapter_digest: str
+    fine_tune: str | None = None
+    fine_tune_uid: str | None = None
+    metrics: dict[str, str] = field(default_factory=dict)
+    lora_rank: int = 16
+
+    def same_as(self, revision: dict[str, Any] | None) -> bool:
+        return bool(revision) and revision.get("adapterDigest") == self.adapter_digest  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What the adapter source currently resolves to: a candidate, a wait, or a refusal."""
+
+    candidate: Candidate | None = None
+    waiting: str | None = None  # a message while the FineTune is still running
+    rejected: str | None = None  # reason when it can never be served
+    message: str = ""
+
+
+def resolve_source(adep: AdapterDeployment, finetune: dict[str, Any] | None) -> Resolution:
+    """The candidate revision of ``spec.adapter`` (``finetune`` is the referenced FineTune, if any)."""
+    source = adep.spec.adapter
+    if source.uri is not None and source.digest is not None:
+        return Resolution(Candidate(adapter_uri=source.uri, adapter_digest=source.digest))
+    assert source.fine_tune_ref is not None
+    name = source.fine_tune_ref.name
+    if finetune is None:
+        return Resolution(waiting=f"FineTune {name} does not exist (yet)")
+    status = finetune.get("status") or {}
+    phase = status.get("phase")
+    adapter = status.get("adapter") or {}
+    if phase == "Failed":
+        ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+        reason = str(ready.get("reason") or "FineTuneFailed")
+        return Resolution(rejected=reason, message=f"FineTune {name} failed: {status.get('message', '')}")
+    if phase != "Succeeded" or not adapter.get("digest"):
+        return Resolution(waiting=f"FineTune {name} is {phase or 'not started'}; waiting for it to succeed")
+    if adapter.get("promotable") is False:
+        return Resolution(rejected="EvalGateFailed", message=f"FineTune {name}'s adapter is not promotable")
+    method = (finetune.get("spec") or {}).get("method") or {}
+    rank = int(((method.get("lora") or {}).get("rank")) or 16)
+    metrics = {k: str(v) for k, v in ((status.get("evaluation") or {}).get("metrics") or {}).items()}
+    return Resolution(
+        Candidate(
+            adapter_uri=str(adapter["uri"]),
+            adapter_digest=str(adapter["digest"]),
+            fine_tune=name,
+            fine_tune_uid=finetune["metadata"].get("uid"),
+            metrics=metrics,
+            lora_rank=rank,
+        )
+    )
+
+
+def check_gates(candidate: Candidate, gates: list[DeploymentGate], stable: dict[str, Any] | None) -> list[str]:
+    """Every deployment gate the candidate misses, in words (empty: promotable)."""
+    failures = []
+    for gate in gates:
+        raw = candidate.metrics.get(gate.metric)
+        if raw is None:
+            failures.append(f"{gate.metric}: the revision has no {gate.metric} score to gate on")
+            continue
+        value = float(raw)
+        lower_better = gate.metric in LOWER_IS_BETTER
+        if gate.min is not None:
+            ok = value <= float(gate.min) if lower_better else value >= float(gate.min)
+            if not ok:
+                failures.append(f"{gate.metric} {value:.4f} misses min {gate.min}")
+        elif gate.max_regression_vs_stable is not None:
+            old = ((stable or {}).get("metrics") or {}).get(gate.metric)
+            if old is None:
+                continue  # nothing serving yet, or the stable revision has no score: nothing to regress from
+            drop = (value - float(old)) if lower_better else (float(old) - value)
+            if drop > float(gate.max_regression_vs_stable) + 1e-12:
+                failures.append(
+                    f"{gate.metric} {value:.4f} is {drop:.4f} worse than the stable revision's {float(old):.4f} "
+                    f"(allowed {gate.max_regression_vs_stable})"
+                )
+    return failures
+
+
+def revision_record(candidate: Candidate, number: int, now: str) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "revision": number,
+        "adapterUri": candidate.adapter_uri,
+        "adapterDigest": candidate.adapter_digest,
+        "since": now,
+    }
+    if candidate.fine_tune:
+        record["fineTune"] = candidate.fine_tune
+    if candidate.fine_tune_uid:
+        record["fineTuneUid"] = candidate.fine_tune_uid
+    if candidate.metrics:
+        record["metrics"] = dict(candidate.metrics)
+    return record
+
+
+def candidate_of(revision: dict[str, Any], lora_rank: int = 16) -> Candidate:
+    return Candidate(
+        adapter_uri=revision["adapterUri"],
+        adapter_digest=revision["adapterDigest"],
+        fine_tune=revision.get("fineTune"),
+        fine_tune_uid=revision.get("fineTuneUid"),
+        metrics=dict(revision.get("metrics") or {}),
+        lora_rank=lora_rank,
+    )
+
+
+# ----------------------------------------------------------------------------- Kubernetes objects
+
+
+def deployment_name(adep_name: str, role: Role) -> str:
+    name = f"{adep_name}-{role}"
+    if len(name) <= 63:
+        return name
+    return f"{adep_name[:45]}-{hashlib.sha256(adep_name.encode()).hexdigest()[:8]}-{role}"
+
+
+def labels(adep: AdapterDeployment, settings: OperatorSettings, role: Role | None = None) -> dict[str, str]:
+    name = str(adep.metadata["name"])
+    out = {
+        **settings.extra_labels,
+        "app.kubernetes.io/name": "kubetune-server",
+        "app.kubernetes.io/instance": name[:63],
+        "app.kubernetes.io/component": "serving",
+        "app.kubernetes.io/managed-by": "kubetune",
+        ADEP_LABEL: name[:63],
+    }
+    if role is not None:
+        out[ROLE_LABEL] = role
+    return out
+
+
+def owner_reference(adep: AdapterDeployment) -> dict[str, Any]:
+    return {
+        "apiVersion": GROUP_VERSION,
+        "kind": "AdapterDeployment",
+        "name": adep.metadata["name"],
+        "uid": adep.metadata["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _storage_env(adep: AdapterDeployment, settings: OperatorSettings) -> list[dict[str, Any]]:
+    storage = adep.spec.storage
+    secret = (storage.secret_ref.name if storage and storage.secret_ref else None) or settings.default_storage_secret
+    endpoint = (storage.endpoint if storage else None) or settings.default_storage_endpoint
+    env: list[dict[str, Any]] = []
+    if endpoint:
+        env.append({"name": "KUBETUNE_STORAGE_ENDPOINT", "value": endpoint})
+    env.append(
+        {"name": "AWS_REGION", "value": (storage.region if storage else None) or settings.default_storage_region}
+    )
+    if secret:
+        for key, optional in (
+            ("AWS_ACCESS_KEY_ID", False),
+            ("AWS_SECRET_ACCESS_KEY", False),
+            ("AWS_SESSION_TOKEN", True),
+        ):
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": optional}}})
+    if settings.hf_endpoint:
+        env.append({"name": "HF_ENDPOINT", "value": settings.hf_endpoint})
+    return env
+
+
+def _restricted() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest --max-lora-rank vLLM accepts that holds ``rank``."""
+    return next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
+
+
+def build_deployment(
+    adep: AdapterDeployment,
+    candidate: Candidate,
+    revision: int,
+    role: Role,
+    replicas: int,
+    settings: OperatorSettings,
+) -> dict[str, Any]:
+    """The Deployment that serves ``candidate`` as ``role`` (stable or canary)."""
+    spec = adep.spec
+    runtime = spec.runtime
+    name = adep.metadata["name"]
+    served = spec.served_model_name
+    port = runtime.port
+    adapter_dir = f"{MODELS_MOUNT}/adapters/{served}"
+    base_dir = f"{MODELS_MOUNT}/base"
+    env = _storage_env(adep, settings)
+    fetch = [*settings.trainer_command, "fetch"]
+    init = [
+        {
+            "name": "fetch-base",
+            "image": settings.trainer_image,
+            "command": [*fetch, spec.base_model.uri, base_dir]
+            + (["--digest", spec.base_model.digest] if spec.base_model.digest else []),
+            "env": env,
+            "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}],
+            "securityContext": _restricted(),
+        },
+        {
+            "name": "fetch-adapter",
+            "image": settings.trainer_image,
+            "command": [*fetch, candidate.adapter_uri, adapter_dir, "--digest", candidate.adapter_digest],
+            "env": env,
+            "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}],
+            "securityContext": _restricted(),
+        },
+    ]
+    gpus = runtime.resources.gpus if runtime.resources and runtime.resources.gpus is not None else None
+    if gpus is None:
+        gpus = 1 if runtime.type == "vllm" else 0
+    if runtime.type == "vllm":
+        image = runtime.image or settings.vllm_image
+        command = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+        args = [
+            "--model", base_dir,
+            "--served-model-name", f"{served}-base",
+            "--host", "0.0.0.0",
+            "--port", str(port),
+            "--enable-lora",
+            "--lora-modules", f"{served}={adapter_dir}",
+            "--max-lora-rank", str(vllm_lora_rank(candidate.lora_rank)),
+            "--max-loras", str(runtime.max_loras),
+        ]  # fmt: skip
+        if gpus > 1:
+            args += ["--tensor-parallel-size", str(gpus)]
+        health = "/health"
+    else:
+        image = runtime.image or settings.trainer_image
+        command = [*settings.trainer_command, "serve"]
+        args = [
+            "--base-model", base_dir,
+            "--base-model-name", f"{served}-base",
+            "--adapter", f"{served}={adapter_dir}",
+            "--adapter-digest", f"{served}={candidate.adapter_digest}",
+            "--host", "$(POD_IP)",
+            "--port", str(port),
+        ]  # fmt: skip
+        health = "/healthz"
+    args += list(runtime.args or [])
+    resources: dict[str, Any] = {}
+    requests: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    if runtime.resources and runtime.resources.cpu:
+        requests["cpu"] = runtime.resources.cpu
+    if runtime.resources and runtime.resources.memory:
+        requests["memory"] = limits["memory"] = runtime.resources.memory
+    if gpus:
+        limits[settings.gpu_resource_name] = str(gpus)
+    if requests:
+        resources["requests"] = requests
+    if limits:
+        resources["limits"] = limits
+    probe = {"httpGet": {"path": health, "port": port}, "periodSeconds": 2, "timeoutSeconds": 2}
+    server = {
+        "name": "server",
+        "image": image,
+        "command": command,
+        "args": args,
+        "env": [
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "HF_HOME", "value": f"{MODELS_MOUNT}/hf"},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+        ],
+        "ports": [{"name": "http", "containerPort": port}],
+        "readinessProbe": {**probe, "failureThreshold": 3},
+        "livenessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 6},
+        "startupProbe": {**probe, "failureThreshold": 150},
+        "resources": resources,
+        "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}, {"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": _restricted(),
+    }
+    pod_labels = labels(adep, settings, role)
+    pod: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": settings.run_as_user,
+            "runAsGroup": settings.run_as_user,
+            "fsGroup": settings.run_as_user,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "initContainers": init,
+        "containers": [server],
+        "volumes": [
+            {"name": "models", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
+        ],
+    }
+    if runtime.node_selector:
+        pod["nodeSelector"] = dict(runtime.node_selector)
+    if runtime.tolerations:
+        pod["tolerations"] = list(runtime.tolerations)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": deployment_name(name, role),
+            "namespace": adep.metadata["namespace"],
+            "labels": pod_labels,
+            "annotations": {
+                "kubetune.io/revision": str(revision),
+                "kubetune.io/adapter-digest": candidate.adapter_digest,
+            },
+            "ownerReferences": [owner_reference(adep)],
+        },
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {ADEP_LABEL: pod_labels[ADEP_LABEL], ROLE_LABEL: role}},
+            # New pods come up before old ones go: serving never drops below the desired replicas.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "progressDeadlineSeconds": spec.rollout.progress_deadline_seconds,
+            "revisionHistoryLimit": 2,
+            "template": {
+                "metadata": {
+                    "labels": pod_labels,
+                    "annotations": {
+                        "kubetune.io/revision": str(revision),
+                        "kubetune.io/adapter-digest": candidate.adapter_digest,
+                    },
+                },
+                "spec": pod,
+            },
+        },
+    }
+
+
+def build_service(adep: AdapterDeployment, settings: OperatorSettings) -> dict[str, Any]:
+    """The stable endpoint clients use; canary pods are not behind it."""
+    name = adep.metadata["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": adep.metadata["namespace"],
+            "labels": labels(adep, settings),
+            "ownerReferences": [owner_reference(adep)],
+        },
+        "spec": {
+            "selector": {ADEP_LABEL: labels(adep, settings)[ADEP_LABEL], ROLE_LABEL: "stable"},
+            "ports": [{"name": "http", "port": 80, "targetPort": adep.spec.runtime.port}],
+        },
+    }
+
+
+def build_online_eval_job(
+    adep: AdapterDeployment, revision: int, endpoint: str, settings: OperatorSettings
+) -> dict[str, Any]:
+    """A Job that scores the canary through its endpoint (``kubetune-trainer eval-endpoint``)."""
+    online = adep.spec.rollout.online_eval
+    assert online is not None
+    name = adep.metadata["name"]
+    job = f"{name[:40]}-eval-r{revision}"
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job,
+            "namespace": adep.metadata["namespace"],
+            "labels": {**labels(adep, settings), "kubetune.io/revision": str(revision)},
+            "ownerReferences": [owner_reference(adep)],
+        },
+        "spec": {
+            "backoffLimit": 1,
+            "activeDeadlineSeconds": adep.spec.rollout.progress_deadline_seconds,
+            "template": {
+                "metadata": {"labels": labels(adep, settings)},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": settings.run_as_user,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [
+                        {
+                            "name": "eval",
+                            "image": settings.trainer_image,
+                            "command": [
+                                *settings.trainer_command,
+                                "eval-endpoint",
+                                "--endpoint",
+                                endpoint,
+                                "--model",
+                                adep.spec.served_model_name,
+                                "--dataset",
+                                online.dataset,
+                                "--metric",
+                                online.metric,
+                                "--min",
+                                online.min,
+                                "--max-examples",
+                                str(online.max_examples),
+                                "--termination-log",
+                                "/dev/termination-log",
+                            ],
+                            "env": _storage_env(adep, settings),
+                            "terminationMessagePath": "/dev/termination-log",
+                            "securityContext": _restricted(),
+                            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                        }
+                    ],
+                    "volumes": [{"name": "tmp", "emptyDir": {}}],
+                },
+            },
+        },
+    }
