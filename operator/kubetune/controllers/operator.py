@@ -44,6 +44,9 @@ def build_registry(settings: OperatorSettings, *, workers: int) -> kopf.Operator
         )
         # kopf would post an Event for every handler run; the controllers post one per transition instead.
         settings.posting.enabled = False
+        # No CRD or namespace discovery: the resources are known, and least-privilege RBAC
+        # (see the chart) forbids listing CRDs and namespaces, which kopf would retry for a minute.
+        settings.scanning.disabled = True
         settings.execution.max_workers = workers
         settings.batching.worker_limit = workers * 4
         settings.watching.server_timeout = 300
