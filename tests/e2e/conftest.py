@@ -56,6 +56,7 @@ class Operator:
             "KUBETUNE_TRAINER_IMAGE": "kubetune-trainer:test",
             "KUBETUNE_STATUS_INTERVAL_SECONDS": "1",
             "KUBETUNE_PROGRESS_INTERVAL_SECONDS": "0.5",
+            "KUBETUNE_ROLLOUT_INTERVAL_SECONDS": "1",
             "KUBETUNE_METRICS_PORT": str(self.metrics_port),
             "KUBETUNE_HEALTH_PORT": str(self.health_port),
         }

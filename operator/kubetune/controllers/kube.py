@@ -235,8 +235,10 @@ class StatusBook:
 
 
 def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """The top-level status fields that differ: the body of a merge patch."""
-    return {k: v for k, v in new.items() if old.get(k) != v}
+    """The top-level status fields that differ: the body of a merge patch (None deletes a field)."""
+    delta: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v}
+    delta.update({k: None for k in old if k not in new})
+    return delta
 
 
 def s3_settings(
