@@ -30,16 +30,16 @@ RELEASE_NAMESPACE = "ops"
 REQUIRED: dict[tuple[str, str], set[str]] = {
     ("kubetune.io", "finetunes"): {"get", "list", "watch", "patch"},
     ("kubetune.io", "finetunes/status"): {"patch"},
-    ("kubetune.io", "adapterdeployments"): {"get", "list", "watch", "patch"},
+    ("kubetune.io", "adapterdeployments"): {"list", "watch", "patch"},
     ("kubetune.io", "adapterdeployments/status"): {"patch"},
-    ("kubetune.io", "finetunetemplates"): {"get", "list", "watch"},
+    ("kubetune.io", "finetunetemplates"): {"get"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "configmaps"): {"get", "create", "delete"},
-    ("", "services"): {"get", "create", "delete", "patch"},
+    ("", "services"): {"get", "create", "delete"},
     ("", "pods"): {"list"},
     ("", "secrets"): {"get"},
     ("", "events"): {"create"},
-    ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("apps", "deployments"): {"get", "create", "patch", "delete"},
 }
 CLUSTER_SCOPED = {("kubetune.io", "finetunetemplates")}
 PEERING_VERBS = {"get", "list", "watch", "patch"}

@@ -63,16 +63,16 @@ The operator's API access, in one place so the cluster-wide ClusterRole and the
 per-namespace Roles cannot drift apart. The operator needs exactly:
   kubetune.io  finetunes                  get list watch patch
   kubetune.io  finetunes/status           patch
-  kubetune.io  adapterdeployments         get list watch patch
+  kubetune.io  adapterdeployments         list watch patch
   kubetune.io  adapterdeployments/status  patch
-  kubetune.io  finetunetemplates          get list watch   (cluster-scoped: always a ClusterRole)
+  kubetune.io  finetunetemplates          get   (cluster-scoped: always a ClusterRole)
   batch        jobs                       get list watch create patch delete
   ""           configmaps                 get create delete
-  ""           services                   get create delete patch
+  ""           services                   get create delete
   ""           pods                       list
   ""           secrets                    get   (storage credentials; never list or watch)
   ""           events                     create
-  apps         deployments                get list watch create patch delete
+  apps         deployments                get create patch delete
 and, only with peering (replicaCount > 1), kopf's peering objects:
   kopf.dev     clusterkopfpeerings        get list watch patch   (cluster-wide mode)
   kopf.dev     kopfpeerings               get list watch patch   (namespaced mode, each namespace)
@@ -84,8 +84,11 @@ about a minute at start-up, logging 403s, before falling back.
 */}}
 {{- define "kubetune.namespacedRules" -}}
 - apiGroups: ["kubetune.io"]
-  resources: ["finetunes", "adapterdeployments"]
+  resources: ["finetunes"]
   verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["kubetune.io"]
+  resources: ["adapterdeployments"]
+  verbs: ["list", "watch", "patch"]
 - apiGroups: ["kubetune.io"]
   resources: ["finetunes/status", "adapterdeployments/status"]
   verbs: ["patch"]
@@ -94,13 +97,13 @@ about a minute at start-up, logging 403s, before falling back.
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "create", "delete"]
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "create", "delete", "patch"]
+  verbs: ["get", "create", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]
@@ -115,5 +118,5 @@ about a minute at start-up, logging 403s, before falling back.
 {{- define "kubetune.clusterScopedRules" -}}
 - apiGroups: ["kubetune.io"]
   resources: ["finetunetemplates"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get"]
 {{- end }}
