@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 EXTRAS ?= operator,trainer,dev
 PYTEST_ARGS ?=
 
-.PHONY: help venv binaries crds crds-check lint test test-unit test-e2e cluster-up demo clean
+.PHONY: help venv binaries crds crds-check docs lint test test-unit test-e2e cluster-up demo clean
 
 help:
 	@echo "make demo        run a real fine-tune end to end locally"
@@ -37,6 +37,9 @@ binaries:
 
 crds: venv
 	$(BIN)/kubetune crds --out crds
+
+docs: venv
+	$(BIN)/kubetune docs --out docs/reference
 
 crds-check: venv
 	$(BIN)/kubetune crds --out crds --check

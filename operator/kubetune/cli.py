@@ -51,6 +51,23 @@ def _crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _docs(args: argparse.Namespace) -> int:
+    from kubetune.api.reference import render_references
+
+    out = Path(args.out)
+    rendered = render_references()
+    if args.check:
+        stale = [n for n, t in rendered.items() if not (out / n).is_file() or (out / n).read_text("utf-8") != t]
+        for name in stale:
+            print(f"{out / name}: out of date; run `make docs`", file=sys.stderr)
+        return 1 if stale else 0
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in rendered.items():
+        (out / name).write_text(text, encoding="utf-8")
+        print(out / name)
+    return 0
+
+
 def format_validation_error(error: ValidationError, prefix: str = "") -> str:
     """One line per problem, each naming the field as a user wrote it (``spec.training.learningRate``)."""
     lines = []
@@ -174,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     crds.add_argument("--out", default="crds", help="folder to write (default: crds)")
     crds.add_argument("--check", action="store_true", help="exit 1 if the folder differs from the generated CRDs")
     crds.set_defaults(func=_crds)
+
+    docs = sub.add_parser("docs", help="write the API reference pages generated from the CRD schemas")
+    docs.add_argument("--out", default="docs/reference", help="folder to write (default: docs/reference)")
+    docs.add_argument("--check", action="store_true", help="exit 1 if the pages differ from the generated ones")
+    docs.set_defaults(func=_docs)
 
     run = sub.add_parser(
         "run",

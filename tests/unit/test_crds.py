@@ -86,3 +86,12 @@ def test_printer_columns_and_short_names() -> None:
         "Age",
     ]
     assert by_kind["FineTuneTemplate"]["spec"]["scope"] == "Cluster"
+
+
+def test_committed_reference_docs_match_the_generator() -> None:
+    from kubetune.api.reference import render_references
+
+    for name, text in render_references().items():
+        path = ROOT / "docs" / "reference" / name
+        assert path.is_file(), f"{path} is missing; run `make docs`"
+        assert path.read_text(encoding="utf-8") == text, f"{path} is stale; run `make docs`"
