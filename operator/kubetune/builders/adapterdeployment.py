@@ -19,6 +19,7 @@ from typing import Any, Literal
 from kubetune.api.adapterdeployment import AdapterDeployment, DeploymentGate
 from kubetune.api.finetune import LOWER_IS_BETTER
 from kubetune.api.types import GROUP_VERSION
+from kubetune.builders.security import credentials_env, restricted_container, restricted_pod
 from kubetune.builders.settings import OperatorSettings
 
 Role = Literal["stable", "canary"]
@@ -189,25 +190,10 @@ def _storage_env(adep: AdapterDeployment, settings: OperatorSettings) -> list[di
     env.append(
         {"name": "AWS_REGION", "value": (storage.region if storage else None) or settings.default_storage_region}
     )
-    if secret:
-        for key, optional in (
-            ("AWS_ACCESS_KEY_ID", False),
-            ("AWS_SECRET_ACCESS_KEY", False),
-            ("AWS_SESSION_TOKEN", True),
-        ):
-            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": optional}}})
+    env += credentials_env(secret)
     if settings.hf_endpoint:
         env.append({"name": "HF_ENDPOINT", "value": settings.hf_endpoint})
     return env
-
-
-def _restricted() -> dict[str, Any]:
-    return {
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "runAsNonRoot": True,
-        "capabilities": {"drop": ["ALL"]},
-    }
 
 
 def vllm_lora_rank(rank: int) -> int:
@@ -241,7 +227,7 @@ def build_deployment(
             + (["--digest", spec.base_model.digest] if spec.base_model.digest else []),
             "env": env,
             "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}],
-            "securityContext": _restricted(),
+            "securityContext": restricted_container(),
         },
         {
             "name": "fetch-adapter",
@@ -249,7 +235,7 @@ def build_deployment(
             "command": [*fetch, candidate.adapter_uri, adapter_dir, "--digest", candidate.adapter_digest],
             "env": env,
             "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}],
-            "securityContext": _restricted(),
+            "securityContext": restricted_container(),
         },
     ]
     gpus = runtime.resources.gpus if runtime.resources and runtime.resources.gpus is not None else None
@@ -314,19 +300,13 @@ def build_deployment(
         "startupProbe": {**probe, "failureThreshold": 150},
         "resources": resources,
         "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}, {"name": "tmp", "mountPath": "/tmp"}],
-        "securityContext": _restricted(),
+        "securityContext": restricted_container(),
     }
     pod_labels = labels(adep, settings, role)
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": settings.run_as_user,
-            "runAsGroup": settings.run_as_user,
-            "fsGroup": settings.run_as_user,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": restricted_pod(settings.run_as_user),
         "initContainers": init,
         "containers": [server],
         "volumes": [
@@ -416,11 +396,7 @@ def build_online_eval_job(
                 "spec": {
                     "restartPolicy": "Never",
                     "automountServiceAccountToken": False,
-                    "securityContext": {
-                        "runAsNonRoot": True,
-                        "runAsUser": settings.run_as_user,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
+                    "securityContext": restricted_pod(settings.run_as_user),
                     "containers": [
                         {
                             "name": "eval",
@@ -445,7 +421,7 @@ def build_online_eval_job(
                             ],
                             "env": _storage_env(adep, settings),
                             "terminationMessagePath": "/dev/termination-log",
-                            "securityContext": _restricted(),
+                            "securityContext": restricted_container(),
                             "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
                         }
                     ],

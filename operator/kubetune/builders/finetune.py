@@ -15,6 +15,7 @@ from typing import Any
 from kubetune.api.finetune import FineTune, FineTuneSpec
 from kubetune.api.template import FineTuneTemplate
 from kubetune.api.types import GROUP_VERSION
+from kubetune.builders.security import credentials_env, restricted_container, restricted_pod
 from kubetune.builders.settings import OperatorSettings
 from kubetune.builders.trainer_config import build_trainer_config, resolve_spec
 from kubetune_trainer.config import TrainerConfig
@@ -201,20 +202,6 @@ def build_config_map(finetune: FineTune, plan: Plan, settings: OperatorSettings)
     }
 
 
-def _storage_env(secret_name: str | None) -> list[dict[str, Any]]:
-    if secret_name is None:
-        return []
-
-    def ref(key: str, optional: bool) -> dict[str, Any]:
-        return {"name": key, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": key, "optional": optional}}}
-
-    return [
-        ref("AWS_ACCESS_KEY_ID", False),
-        ref("AWS_SECRET_ACCESS_KEY", False),
-        ref("AWS_SESSION_TOKEN", True),
-    ]
-
-
 def _resources(spec: FineTuneSpec, settings: OperatorSettings) -> dict[str, Any]:
     res = spec.resources
     requests: dict[str, Any] = {}
@@ -262,7 +249,7 @@ def build_job(finetune: FineTune, plan: Plan, settings: OperatorSettings) -> dic
         {"name": "TMPDIR", "value": f"{SCRATCH_MOUNT}/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
-        *_storage_env(plan.secret_name),
+        *credentials_env(plan.secret_name),
     ]
     if settings.hf_endpoint:
         env.append({"name": "HF_ENDPOINT", "value": settings.hf_endpoint})
@@ -299,12 +286,7 @@ def build_job(finetune: FineTune, plan: Plan, settings: OperatorSettings) -> dic
         ],
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": restricted_container(),
     }
     if nodes > 1:
         container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
@@ -312,13 +294,7 @@ def build_job(finetune: FineTune, plan: Plan, settings: OperatorSettings) -> dic
         "restartPolicy": "Never",  # the Job, not the kubelet, retries: podFailurePolicy needs Never
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": settings.run_as_user,
-            "runAsGroup": settings.run_as_user,
-            "fsGroup": settings.run_as_user,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": restricted_pod(settings.run_as_user),
         "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": config_map_name(name)}},
