@@ -369,5 +369,8 @@ def test_deleting_a_finetune_removes_its_job(cluster: Cluster, operator: Operato
     apply(cluster, ns, example("short-lived", training={"epochs": 1}))
     wait_for("the Job", lambda: jobs(cluster, ns))
     cluster.kubectl("delete", "ft", "short-lived", "-n", ns, "--timeout=60s")
+    # The garbage collector removes what the FineTune owned.
     wait_for("no Job", lambda: not jobs(cluster, ns) or None, timeout=60)
-    assert get(cluster, ns, "configmap", "short-lived-trainer-config") is None
+    wait_for(
+        "no ConfigMap", lambda: get(cluster, ns, "configmap", "short-lived-trainer-config") is None or None, timeout=60
+    )

@@ -490,6 +490,20 @@ def test_failure_reasons_are_actionable(seen: st.Observation, reason: str) -> No
         assert new["adapter"]["promotable"] is False
 
 
+def test_a_job_that_completes_without_a_summary_fails_with_a_reason() -> None:
+    new = st.observe({}, st.Observation(job=job(succeeded=1, Complete="Completed")), generation=1, now=NOW)
+    assert new["phase"] == "Failed"
+    assert cond(new, "Ready")["reason"] == "TrainerFailed"
+    assert "without its JSON summary" in new["message"]
+    assert all(c["reason"] for c in new["conditions"])  # the CRD requires a reason on every condition
+
+
+def test_no_step_back_to_pending_between_pods() -> None:
+    running = st.observe({}, st.Observation(job=job(active=1), progress={"stage": "train"}), generation=1, now=NOW)
+    gap = st.observe(running, st.Observation(job=job(failed=1)), generation=1, now=NOW)
+    assert gap["phase"] == "Training"
+
+
 def test_condition_transition_time_moves_only_on_status_change() -> None:
     first = st.set_condition(None, "Ready", False, "Training", "", generation=1, now="t1")
     again = st.set_condition(first, "Ready", False, "Evaluating", "scoring", generation=1, now="t2")

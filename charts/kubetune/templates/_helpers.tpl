@@ -66,9 +66,9 @@ per-namespace Roles cannot drift apart. The operator needs exactly:
   kubetune.io  adapterdeployments         list watch patch
   kubetune.io  adapterdeployments/status  patch
   kubetune.io  finetunetemplates          get   (cluster-scoped: always a ClusterRole)
-  batch        jobs                       get list watch create patch delete
-  ""           configmaps                 get create delete
-  ""           services                   get create delete
+  batch        jobs                       get list watch create patch   (owners' GC deletes them)
+  ""           configmaps                 get create
+  ""           services                   get create
   ""           pods                       list
   ""           secrets                    get   (storage credentials; never list or watch)
   ""           events                     create
@@ -94,16 +94,16 @@ about a minute at start-up, logging 403s, before falling back.
   verbs: ["patch"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "create", "delete"]
+  verbs: ["get", "create"]
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "create", "delete"]
+  verbs: ["get", "create"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]

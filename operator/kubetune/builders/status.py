@@ -208,7 +208,10 @@ def observe(status: dict[str, Any], seen: Observation, *, generation: int | None
             reason = _CONTAINER_REASONS.get(seen.container_reason or "", "")
         if not reason and failed:
             reason = _JOB_REASONS.get(str(failed.get("reason")), "TrainerFailed")
-        message = str(summary.get("message") or (failed.get("message") if failed else "") or reason)
+        if not reason:  # completed, yet no summary: the trainer did not say what it did
+            reason = "TrainerFailed"
+        fallback = "the trainer exited without its JSON summary (see the pod's log)"
+        message = str(summary.get("message") or (failed.get("message") if failed else "") or fallback)
         phase = "Failed"
     elif job is not None and (job.get("spec") or {}).get("suspend"):
         if seen.suspended_by_user:
@@ -227,6 +230,9 @@ def observe(status: dict[str, Any], seen: Observation, *, generation: int | None
         stage = (seen.progress or {}).get("stage")
         phase = STAGE_PHASE.get(str(stage), "Preparing")
         reason, message = "Running", str((seen.progress or {}).get("message") or f"{phase.lower()}")
+    elif status.get("phase") in ("Preparing", "Training", "Evaluating"):
+        # Between a pod's end and the Job's verdict (or a retry's pod): no step back to Pending.
+        phase, reason, message = str(status["phase"]), "Running", str(status.get("message") or "")
     else:
         phase, reason, message = "Pending", "JobCreated", "waiting for the training pod to start"
 

@@ -363,6 +363,6 @@ def register(config: OperatorSettings, registry: kopf.OperatorRegistry) -> None:
     def on_timer(*, body: kopf.Body, status: kopf.Status, memo: Any, **_: Any) -> None:
         reconcile(kube(memo), dict(body), dict(status))
 
-    @kopf.on.delete(*ADEP, registry=registry)
+    @kopf.on.delete(*ADEP, optional=True, registry=registry)
     def on_delete(*, meta: kopf.Meta, memo: Any, **_: Any) -> None:
         book.forget(meta["uid"])  # owned Deployments, Service and Jobs go with it (ownerReferences)

@@ -101,6 +101,8 @@ def register(config: OperatorSettings, registry: kopf.OperatorRegistry) -> None:
             book.record(uid, new)
         if new.get("phase") != old.get("phase"):
             metrics.finetune_phase(meta["namespace"], meta["name"], new.get("phase"))
+        # Events for the transitions a person acts on; Pending and Preparing come and go within seconds.
+        if new.get("phase") != old.get("phase") and new.get("phase") not in ("Pending", "Preparing"):
             reason = next((c["reason"] for c in new.get("conditions", []) if c["type"] == "Ready"), new.get("phase"))
             kind = "Warning" if new.get("phase") == "Failed" else "Normal"
             k.event(body, kind, str(reason), f"{new.get('phase')}: {new.get('message', '')}")
@@ -306,10 +308,9 @@ def register(config: OperatorSettings, registry: kopf.OperatorRegistry) -> None:
 
     # ------------------------------------------------------------------ suspend / resume
 
-    @kopf.on.field(*FT, field="spec.runPolicy.suspend", registry=registry)
-    def suspend(*, meta: kopf.Meta, spec: kopf.Spec, old: Any, new: Any, memo: Any, **_: Any) -> None:
-        if old is None and not new:
-            return
+    # An update handler (not on.field, which also runs at creation and costs a write per FineTune there).
+    @kopf.on.update(*FT, field="spec.runPolicy.suspend", registry=registry)
+    def suspend(*, meta: kopf.Meta, spec: kopf.Spec, new: Any, memo: Any, **_: Any) -> None:
         k = kube(memo)
         job = build.job_name(meta["name"])
         queued = bool((spec.get("runPolicy") or {}).get("queueName") or config.default_queue)
@@ -321,34 +322,26 @@ def register(config: OperatorSettings, registry: kopf.OperatorRegistry) -> None:
                 raise
 
     # ------------------------------------------------------------------ delete
+    # The Job, ConfigMap and Service carry ownerReferences: the garbage collector removes
+    # them with the FineTune. A finalizer (one more write per FineTune, and a FineTune that
+    # cannot be deleted while the operator is down) is only worth it to delete artifacts.
 
-    @kopf.on.delete(*FT, registry=registry)
-    def delete(*, meta: kopf.Meta, spec: kopf.Spec, memo: Any, **_: Any) -> None:
+    def deletes_artifacts(*, spec: kopf.Spec, **_: Any) -> bool:
+        return bool((spec.get("output") or {}).get("retention") == "Delete")
+
+    @kopf.on.delete(*FT, optional=True, registry=registry)
+    def forget(*, meta: kopf.Meta, **_: Any) -> None:
+        metrics.finetune_phase(meta["namespace"], meta["name"], None)
+        book.forget(meta["uid"])
+
+    @kopf.on.delete(*FT, when=deletes_artifacts, registry=registry)
+    def delete_artifacts(*, meta: kopf.Meta, spec: kopf.Spec, memo: Any, **_: Any) -> None:
         k = kube(memo)
         namespace, name = meta["namespace"], meta["name"]
-        try:
-            k.batch.delete_namespaced_job(build.job_name(name), namespace, propagation_policy="Background")
-        except ApiException as e:
-            if e.status != 404:
-                raise
-        for delete_fn, obj in (
-            (k.core.delete_namespaced_config_map, build.config_map_name(name)),
-            (k.core.delete_namespaced_service, build.job_name(name)),
-        ):
-            try:
-                delete_fn(obj, namespace)
-            except ApiException as e:
-                if e.status != 404:
-                    raise
-        metrics.finetune_phase(namespace, name, None)
-        book.forget(meta["uid"])
-        if ((spec.get("output") or {}).get("retention")) == "Delete":
-            run = None
-            uid = meta.get("uid")
-            root = (spec.get("output") or {}).get("uri") or config.default_output_uri
-            if root and uid:
-                run = run_prefix(root, namespace, name, uid)
-            if run:
-                loc = storage.resolve(run, storage_for(k, namespace, dict(spec)))
-                removed = loc.store.delete_prefix(loc.key)
-                log.info("deleted %d artifacts under %s (output.retention: Delete)", removed, run)
+        root = (spec.get("output") or {}).get("uri") or config.default_output_uri
+        if not root:
+            return
+        run = run_prefix(root, namespace, name, str(meta["uid"]))
+        loc = storage.resolve(run, storage_for(k, namespace, dict(spec)))
+        removed = loc.store.delete_prefix(loc.key)
+        log.info("deleted %d artifacts under %s (output.retention: Delete)", removed, run)

@@ -18,13 +18,16 @@ from kubetune.controllers.kube import Kube
 log = logging.getLogger("kubetune")
 
 
-def api_client() -> k8s.ApiClient:
+def api_client(workers: int = 8) -> k8s.ApiClient:
     """In-cluster credentials when running in a pod, else the kubeconfig ($KUBECONFIG)."""
     try:
         k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
     except k8s_config.ConfigException:
         k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
-    return k8s.ApiClient()
+    configuration = k8s.Configuration.get_default_copy()
+    # One connection per handler thread, or requests queue for a free connection under load.
+    configuration.connection_pool_maxsize = max(configuration.connection_pool_maxsize or 0, workers * 2)
+    return k8s.ApiClient(configuration)
 
 
 def build_registry(settings: OperatorSettings, *, workers: int) -> kopf.OperatorRegistry:
@@ -48,10 +51,9 @@ def build_registry(settings: OperatorSettings, *, workers: int) -> kopf.Operator
         # (see the chart) forbids listing CRDs and namespaces, which kopf would retry for a minute.
         settings.scanning.disabled = True
         settings.execution.max_workers = workers
-        settings.batching.worker_limit = workers * 4
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
-        memo.kube = Kube(api=api_client())
+        memo.kube = Kube(api=api_client(workers))
 
     finetune.register(settings, registry)
     adapterdeployment.register(settings, registry)
