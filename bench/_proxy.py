@@ -7,7 +7,10 @@ they do without it. For each request it appends one JSON line to a log file
 once the upstream response headers are in::
 
     {"t": <time.monotonic() at arrival>, "dt": <seconds to response headers>,
-     "m": "PATCH", "p": "/apis/.../finetunes/x", "c": "finetunes", "w": false, "s": 200}
+     "m": "PATCH", "p": "/apis/.../finetunes/x", "c": "finetunes", "w": false, "s": 200,
+     "b": "metadata.finalizers"}
+
+(writes also carry ``b``, what they set, and ``n``, the object named in the body; see ``describe``).
 
 ``t`` is comparable with ``time.monotonic()`` in other processes on this
 machine (CLOCK_MONOTONIC), which is how the benchmark windows the counts.
@@ -49,6 +52,11 @@ HOP_BY_HOP = frozenset(
     )
 )
 
+WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+MAX_DESCRIBED = 256 * 1024
+# Fields of a created object's metadata that say nothing about what the write is for.
+IGNORED_META = frozenset({"name", "namespace", "resourceVersion", "uid"})
+AUTO_HEADERS = ("Content-Type", "Accept", "Accept-Encoding", "User-Agent")
 CATEGORIES = ("finetunes", "finetunes/status", "jobs", "configmaps", "secrets", "events", "pods")
 
 
@@ -69,6 +77,40 @@ def classify(path: str) -> str:
     if resource == "finetunes":
         return "finetunes/status" if sub == "status" else "finetunes"
     return resource if resource in CATEGORIES else "other"
+
+
+def describe(method: str, body: bytes) -> dict[str, object]:
+    """What a write is about: ``n`` the object it names, ``b`` what it sets (for the benchmark's breakdown).
+
+    For an Event, ``n`` is the object it is about and ``b`` its reason; for anything else ``n`` is
+    ``metadata.name`` (absent in most patches: the path names the object) and ``b`` the fields it
+    sets, two levels deep (``metadata.finalizers``, ``status.phase``, ...).
+    """
+    if len(body) > MAX_DESCRIBED:
+        return {}
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return {}
+    if not isinstance(doc, dict):
+        return {"b": "json-patch"} if isinstance(doc, list) else {}
+    meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+    if doc.get("kind") == "Event":
+        involved = doc.get("involvedObject") or {}
+        return {"n": involved.get("name"), "b": f"reason={doc.get('reason')}"}
+    keys = []
+    for top in ("metadata", "spec", "status"):
+        value = doc.get(top)
+        if isinstance(value, dict):
+            keys.extend(f"{top}.{k}" for k in sorted(value) if not (top == "metadata" and k in IGNORED_META))
+        elif top in doc:
+            keys.append(top)
+    verb = {"POST": "create", "PUT": "replace"}.get(method)
+    whole = verb is not None and doc.get("kind") is not None
+    out: dict[str, object] = {"b": f"{verb} {doc['kind']}" if whole else ",".join(keys)}
+    if meta.get("name"):
+        out["n"] = meta["name"]
+    return out
 
 
 def is_watch(request: web.BaseRequest) -> bool:
@@ -109,9 +151,19 @@ class Proxy:
         }
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         body = await request.read() if request.body_exists else None
+        if body and request.method in WRITES:
+            fields.update(describe(request.method, body))
+        # aiohttp would add these when absent (Content-Type: application/octet-stream, which the API
+        # server refuses with 415, where a missing one means JSON): forward the request as it came.
+        skip = [h for h in AUTO_HEADERS if h not in request.headers]
         try:
             upstream = await self.session.request(
-                request.method, self.upstream + path, headers=headers, data=body, allow_redirects=False
+                request.method,
+                self.upstream + path,
+                headers=headers,
+                data=body,
+                skip_auto_headers=skip,
+                allow_redirects=False,
             )
         except (aiohttp.ClientError, OSError) as e:
             self.record(**fields, dt=time.monotonic() - arrived, s=502)

@@ -41,9 +41,18 @@ How to read the output (one JSON document on stdout; progress on stderr):
   ``settle`` are the windows before the first create and after the last Job.
   ``by_category`` classifies by resource path (``finetunes/status`` is the
   status subresource; ``other`` is discovery, CRDs and the like).
+- ``runs[].per_finetune`` attributes writes to the FineTune named in their
+  path or body: ``writes_up_to_own_job`` (each object's writes until its own
+  Job appeared), ``writes_per_finetune_by_purpose`` (what each write set,
+  e.g. ``metadata.finalizers``, ``status.phase``, an Event's reason; ``-> 4xx``
+  marks refused ones) and ``create_to_job_breakdown_s``: create → the
+  operator's first write about the object (waiting to be picked up), → the
+  Job POST's response (handling), → the Job's watch event (delivery).
 - ``runs[].cpu_s_up_to_jobs`` tells where this machine's CPU went between
   the first create and the last Job (the operator competes with the API
-  server, etcd, the controller manager and the fake kubelet's pods).
+  server, etcd, the controller manager and the fake kubelet's pods);
+  ``not_this_benchmark_cpu_s`` is CPU used by anything else on the machine
+  (a busy machine makes every latency longer: compare before concluding).
 - ``targets`` says pass/fail against the goals: p99 ≤ 2 s at 100 FineTunes,
   ≤ 6 write requests per FineTune up to Job-created (every size).
 
@@ -214,19 +223,20 @@ class ProxyProcess:
     @classmethod
     def start(cls, cluster: Cluster, workdir: Path) -> ProxyProcess:
         log_path = workdir / "requests.jsonl"
-        popen = subprocess.Popen(
-            [
-                sys.executable,
-                str(PROXY),
-                f"--upstream={cluster.server}",
-                f"--ca={cluster.control_plane.ca_file}",
-                f"--log={log_path}",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=(workdir / "proxy.err").open("ab"),
-            text=True,
-            start_new_session=True,
-        )
+        with (workdir / "proxy.err").open("ab") as err:
+            popen = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(PROXY),
+                    f"--upstream={cluster.server}",
+                    f"--ca={cluster.control_plane.ca_file}",
+                    f"--log={log_path}",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                start_new_session=True,
+            )
         assert popen.stdout is not None
         line = popen.stdout.readline().strip()
         if not line.startswith("listening "):
@@ -237,8 +247,11 @@ class ProxyProcess:
     def requests(self) -> list[dict[str, Any]]:
         if not self.log_path.exists():
             return []
-        lines = self.log_path.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        out = []
+        for line in self.log_path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError):  # the last line may be half written
+                out.append(json.loads(line))
+        return out
 
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -274,7 +287,7 @@ class OperatorProcess:
     env: dict[str, str]
 
     @classmethod
-    def start(cls, cluster: Cluster, workdir: Path, kubeconfig: Path, log_level: str) -> OperatorProcess:
+    def start(cls, cluster: Cluster, workdir: Path, kubeconfig: Path, extra_args: list[str]) -> OperatorProcess:
         health_port, metrics_port = free_port(), free_port()
         env = {
             "PATH": os.environ.get("PATH", ""),
@@ -290,7 +303,7 @@ class OperatorProcess:
         log_path = workdir / "operator.log"
         with log_path.open("ab") as out:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "kubetune.cli", "operator", "--log-level", log_level],
+                [sys.executable, "-m", "kubetune.cli", "operator", *extra_args],
                 env=env,
                 cwd=ROOT,
                 stdout=out,
@@ -362,7 +375,7 @@ class JobWatch(threading.Thread):
                     self.namespace,
                     resource_version=resource_version,
                     allow_watch_bookmarks=True,
-                    timeout_seconds=30,
+                    timeout_seconds=60,
                     deserialize=False,
                 )
                 for event in stream:
@@ -381,15 +394,18 @@ class JobWatch(threading.Thread):
                             self.changed.notify_all()
                 self.restarts += 1
         except Exception as e:  # reported in the output: a broken watch makes the latencies meaningless
+            if self._stopping.is_set():
+                return
             self.error = f"{type(e).__name__}: {e}"
             self.ready.set()
             with self.changed:
                 self.changed.notify_all()
 
-    def wait_count(self, count: int, timeout: float) -> bool:
+    def wait_count(self, count: int, timeout: float, alive: Callable[[], bool]) -> bool:
+        """Wait until ``count`` Jobs were seen; False on timeout, a broken watch or ``alive()`` turning False."""
         deadline = time.monotonic() + timeout
         with self.changed:
-            while len(self.first_seen) < count and self.error is None:
+            while len(self.first_seen) < count and self.error is None and alive():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -478,6 +494,68 @@ def summarize_requests(requests: list[dict[str, Any]], size: int) -> dict[str, A
     }
 
 
+OWNED_SUFFIXES = ("-trainer-config", "-train")
+FT_NAME = re.compile(r"^ft-\d{4,}$")
+
+
+def owner(request: dict[str, Any]) -> str | None:
+    """The bench FineTune a request is about: named in the path (finetunes/<name>) or in the body."""
+    parts = request["p"].split("/")
+    if "finetunes" in parts and parts.index("finetunes") + 1 < len(parts):
+        name: str | None = parts[parts.index("finetunes") + 1]
+    else:
+        name = request.get("n")
+        for suffix in OWNED_SUFFIXES:
+            if name and name.endswith(suffix):
+                name = name.removesuffix(suffix)
+                break
+    return name if name and FT_NAME.match(name) else None
+
+
+def per_finetune(
+    requests: list[dict[str, Any]], created: list[Created], job_seen: dict[str, float], size: int
+) -> dict[str, Any]:
+    """Writes attributed to each FineTune, and where its create→Job time went."""
+    writes: dict[str, list[dict[str, Any]]] = {}
+    unattributed = 0
+    for r in requests:
+        if r["m"] not in WRITE_METHODS:
+            continue
+        name = owner(r)
+        if name is None:
+            unattributed += 1
+        else:
+            writes.setdefault(name, []).append(r)
+    up_to_own_job, waiting, handling, delivery = [], [], [], []
+    for c in created:
+        mine = sorted(writes.get(c.name, []), key=lambda r: r["t"])
+        seen = job_seen.get(c.name)
+        if seen is None or not mine:
+            continue
+        up_to_own_job.append(sum(1 for r in mine if r["t"] <= seen))
+        job_post = next((r for r in mine if r["m"] == "POST" and r["c"] == "jobs" and r["s"] < 300), None)
+        waiting.append(mine[0]["t"] - c.after)
+        if job_post is not None:
+            handling.append(job_post["t"] + job_post["dt"] - mine[0]["t"])
+            delivery.append(seen - (job_post["t"] + job_post["dt"]))
+    purposes = Counter(
+        f"{r['m']} {r['c']}" + (f" [{r['b']}]" if r.get("b") else "") + (f" -> {r['s']}" if r["s"] >= 300 else "")
+        for rs in writes.values()
+        for r in rs
+    )
+    return {
+        "writes_up_to_own_job": percentiles(up_to_own_job),
+        "writes_per_finetune_by_purpose": {k: round(v / size, 3) for k, v in purposes.most_common()},
+        "unattributed_writes": unattributed,
+        "create_to_job_breakdown_s": {
+            "create_end_to_first_operator_write": percentiles(waiting),
+            "first_operator_write_to_job_post_response": percentiles(handling),
+            "job_post_response_to_watch_arrival": percentiles(delivery),
+        },
+    }
+
+
+LAUNCHED = re.compile(r"Handler '[^']*\blaunch' succeeded")
 LEVEL = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 
 
@@ -498,10 +576,15 @@ def operator_log_summary(text: str, limit: int = 12) -> dict[str, Any]:
             shape = re.sub(r"ft-\d+|\d+(\.\d+)?", "#", message)[:160]
             shapes[shape] += 1
             if shapes[shape] == 1 and len(excerpts) < limit:
-                follow = [ln for ln in lines[i + 1 : i + 40] if not LEVEL.match(ln)]
-                tail = ("\n" + "\n".join(follow[-3:])) if follow else ""
-                excerpts.append(line[:600] + tail[:600])
-    handler_lines = sum(1 for line in lines if "Handler 'launch' succeeded" in line)
+                # Of a traceback, keep what explains it (the exception, an API error's reason and body), not frames.
+                follow = []
+                for ln in lines[i + 1 : i + 60]:
+                    if LEVEL.match(ln):
+                        break
+                    if ln and not ln[0].isspace() and not ln.startswith(("Traceback", "HTTP response headers")):
+                        follow.append(ln[:400])
+                excerpts.append("\n".join([line[:600], *follow[:4]]))
+    handler_lines = sum(1 for line in lines if LAUNCHED.search(line))
     return {
         "lines_by_level": dict(levels),
         "launch_handler_succeeded_lines": handler_lines,
@@ -581,7 +664,7 @@ def run_size(
     workdir = workdir / namespace
     workdir.mkdir(parents=True)
     template = yaml.safe_load(MANIFEST.read_text(encoding="utf-8"))
-    result: dict[str, Any] = {"size": size, "namespace": namespace, "workdir": str(workdir)}
+    result: dict[str, Any] = {"size": size, "namespace": namespace}
     setup_namespace(api, namespace)
 
     proxy = ProxyProcess.start(cluster, workdir)
@@ -592,7 +675,7 @@ def run_size(
     watch = JobWatch(api, namespace)
     try:
         t_start = time.monotonic()
-        operator = OperatorProcess.start(cluster, workdir, kubeconfig, args.operator_log_level)
+        operator = OperatorProcess.start(cluster, workdir, kubeconfig, operator_args(args))
         sampler = RssSampler(operator.popen.pid)
         sampler.start()
         result["operator_healthy_after_s"] = round(wait_for(operator.healthy, 60, "the operator's /healthz", 0.1), 2)
@@ -617,7 +700,9 @@ def run_size(
             "proxy": psutil.Process(proxy.popen.pid),
             "bench": psutil.Process(),
         }
-        cpu_before = {name: tree_cpu_s(p) for name, p in procs.items()}
+        cpu_of = dict.fromkeys(procs, tree_cpu_s)
+        cpu_of["bench"] = process_cpu_s  # its children are everything else
+        cpu_before = {name: cpu_of[name](p) for name, p in procs.items()}
         machine_before = psutil.cpu_times()
 
         log(f"N={size}: creating {size} FineTunes in {namespace} ({args.create_concurrency} concurrent creates)")
@@ -625,10 +710,10 @@ def run_size(
         created = create_all(api, namespace, template, size, args.create_concurrency)
         t_applied = time.monotonic()
         failed = [c for c in created if c.error]
-        all_jobs = watch.wait_count(size - len(failed), args.timeout)
+        all_jobs = watch.wait_count(size - len(failed), args.timeout, lambda: operator.popen.poll() is None)
         t_jobs = time.monotonic()
         sampler.mark()
-        cpu_after = {name: tree_cpu_s(p) for name, p in procs.items()}
+        cpu_after = {name: cpu_of[name](p) for name, p in procs.items()}
         machine_after = psutil.cpu_times()
         operator_alive = operator.popen.poll() is None
 
@@ -706,13 +791,24 @@ def run_size(
             **summarize_requests([r for r in requests if window_end < r["t"] <= t_settled], size),
         },
     }
+    job_seen = {name: t for name, (t, _) in by_finetune.items() if name}
+    result["per_finetune"] = {
+        "note": (
+            "writes attributed by the object named in the path or body; whole run up to the end of the "
+            "settle window (purposes), or up to the FineTune's own Job (writes_up_to_own_job)"
+        ),
+        **per_finetune([r for r in requests if r["t"] <= t_settled], created, job_seen, size),
+    }
     busy = sum(
         getattr(machine_after, f) - getattr(machine_before, f) for f in ("user", "system", "nice", "irq", "softirq")
     )
     span = t_jobs - t_apply
+    ours = sum(cpu_after[name] - cpu_before[name] for name in procs)
     result["cpu_s_up_to_jobs"] = {
         "window_s": round(span, 2),
         "machine_busy_fraction": round(busy / max(span * (os.cpu_count() or 1), 1e-9), 3),
+        "machine_busy_cpu_s": round(busy, 2),
+        "not_this_benchmark_cpu_s": round(max(0.0, busy - ours), 2),
         "by_process": {
             name: round(cpu_after[name] - cpu_before[name], 2)
             for name in sorted(procs, key=lambda n: cpu_before[n] - cpu_after[n])
@@ -729,6 +825,13 @@ def run_size(
     result["finetune_phases_after_settle"] = dict(phases)
     result["cleanup"] = cleanup_namespace(api, namespace, args.cleanup_timeout)
     return result
+
+
+def operator_args(args: argparse.Namespace) -> list[str]:
+    extra = ["--log-level", args.operator_log_level]
+    if args.operator_workers is not None:
+        extra += ["--workers", str(args.operator_workers)]
+    return extra
 
 
 # ---------------------------------------------------------------------------------------------- environment
@@ -772,6 +875,7 @@ def machine() -> dict[str, Any]:
         "cpu_model": model,
         "cpus": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -805,6 +909,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=10, help="seconds to keep counting after the last Job")
     parser.add_argument("--cleanup-timeout", type=float, default=120, help="seconds to wait for a namespace to go")
     parser.add_argument("--operator-log-level", default="INFO", help="the operator's --log-level (default INFO)")
+    parser.add_argument(
+        "--operator-workers", type=int, help="the operator's --workers (default: not passed, its own default)"
+    )
     parser.add_argument("--workdir", help="where the cluster and logs go (default: a new temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the working folder (logs) afterwards")
     args = parser.parse_args(argv)
@@ -822,8 +929,8 @@ def main(argv: list[str] | None = None) -> int:
             "create_concurrency": args.create_concurrency,
             "timeout_s": args.timeout,
             "settle_s": args.settle,
-            "operator": "python -m kubetune.cli operator (cluster-wide, default --workers 8), fresh per size",
-            "operator_log_level": args.operator_log_level,
+            "operator": "python -m kubetune.cli operator, cluster-wide, one fresh process per size",
+            "operator_args": operator_args(args),
             "operator_env": {
                 "KUBETUNE_TRAINER_COMMAND": "true",
                 "KUBETUNE_DEFAULT_OUTPUT_URI": "s3://adapters/",
@@ -846,6 +953,20 @@ def main(argv: list[str] | None = None) -> int:
         cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
         cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(ROOT / "crds"))
         cluster.s3.create_bucket("adapters")
+        # Right after a CRD is Established its storage may still answer 429 ("storage is (re)initializing"):
+        # wait that out here, so that the first operator's start-up is not charged with it.
+        with api_client(cluster, pool=4) as api:
+            custom = k8s.CustomObjectsApi(api)
+
+            def listable() -> bool:
+                try:
+                    for plural in ("finetunes", "finetunetemplates", "adapterdeployments"):
+                        custom.list_cluster_custom_object(GROUP, VERSION, plural, limit=1)
+                except ApiException:
+                    return False
+                return True
+
+            wait_for(listable, 60, "kubetune objects to be listable", interval=0.5)
         with api_client(cluster, pool=max(8, args.create_concurrency + 4)) as api:
             for size in sizes:
                 run = run_size(cluster, api, size, args, workdir)
