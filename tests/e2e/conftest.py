@@ -64,7 +64,7 @@ class Operator:
     def start(self) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kubetune.cli", "operator", "--log-level", "DEBUG"],
+            [sys.executable, "-m", "kubetune.cli", "operator", "--log-level", "INFO"],
             env=self.env(),
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -105,7 +105,7 @@ def story(cluster: Cluster, operator: Operator, tmp_path_factory: pytest.TempPat
         f"--from-literal=AWS_ACCESS_KEY_ID={ACCESS_KEY}", f"--from-literal=AWS_SECRET_ACCESS_KEY={SECRET_KEY}",
     )  # fmt: skip
     apply(cluster, ns, example("adapter-a"))
-    apply(cluster, ns, example("adapter-b", training={"seed": 7, "epochs": 9}))
+    apply(cluster, ns, example("adapter-b", training={"seed": 7}))
     bad = example("adapter-bad", training={"epochs": 1})
     bad["spec"]["evaluation"]["gates"] = [{"metric": "perplexity", "max": "1"}]
     apply(cluster, ns, bad)

@@ -182,7 +182,7 @@ def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(
     cluster: Cluster, operator: Operator, tenant: str
 ) -> None:
     ns = tenant
-    apply(cluster, ns, example("resume", training={"checkpointEverySteps": 8, "epochs": 10}))
+    apply(cluster, ns, example("resume", training={"checkpointEverySteps": 8, "epochs": 6}))
     st = wait_for("a checkpoint", lambda: (s := status(cluster, ns, "resume")).get("checkpoint") and s)
     job = st["jobName"]
     pod = wait_for("the running pod", lambda: running_pod(cluster, ns, job))
@@ -214,7 +214,7 @@ def test_suspend_removes_pods_and_resume_continues_from_the_checkpoint(
     cluster: Cluster, operator: Operator, tenant: str
 ) -> None:
     ns = tenant
-    doc = example("pausable", training={"checkpointEverySteps": 8, "epochs": 12}, runPolicy={"backoffLimit": 2})
+    doc = example("pausable", training={"checkpointEverySteps": 8, "epochs": 8}, runPolicy={"backoffLimit": 2})
     apply(cluster, ns, doc)
     st = wait_for("a checkpoint", lambda: (s := status(cluster, ns, "pausable")).get("checkpoint") and s)
     job = st["jobName"]

@@ -164,7 +164,7 @@ def test_happy_path_with_the_charts_service_account_uses_every_rule(
     cluster.kubectl("apply", "-f", "-", input=json.dumps(template))
     try:
         apply(cluster, ns, example("first", templateRef={"name": template["metadata"]["name"]}))
-        apply(cluster, ns, example("second", training={"seed": 7, "epochs": 9}, runPolicy={"suspend": True}))
+        apply(cluster, ns, example("second", training={"seed": 7}, runPolicy={"suspend": True}))
         wait_for("the second Job, suspended", lambda: get(cluster, ns, "job", "second-train"))
         # A restart re-reads (GET) the ConfigMap and Job that already exist instead of creating twins.
         chart_operator.restart()
