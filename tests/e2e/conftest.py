@@ -34,6 +34,9 @@ ACCESS_KEY = "AKIAKUBETUNETEST0001"
 SECRET_KEY = "kt-secret-never-to-be-seen-9f3a7c"
 
 
+RUNNING: list[Operator] = []
+
+
 class Operator:
     """``kubetune operator`` as a subprocess against the test cluster; restartable mid-test."""
 
@@ -63,6 +66,7 @@ class Operator:
 
     def start(self) -> None:
         log = self.log_path.open("ab")
+        RUNNING.append(self)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kubetune.cli", "operator", "--log-level", "INFO"],
             env=self.env(),
@@ -83,6 +87,8 @@ class Operator:
                 time.sleep(0.2)
 
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        if self in RUNNING:
+            RUNNING.remove(self)
         if self.proc is None:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -106,6 +112,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def no_operator() -> Iterator[None]:
+    """Tests of the bare API (schema, status subresource) run with no operator acting on their objects."""
+    paused = list(RUNNING)
+    for op in paused:
+        op.stop()
+    yield
+    for op in paused:
+        op.start()
 
 
 @pytest.fixture(scope="session")
