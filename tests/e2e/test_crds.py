@@ -16,6 +16,9 @@ import yaml
 
 from tests.cluster import Cluster
 
+# The bare API: no operator may act on these objects (it would also start real training runs).
+pytestmark = pytest.mark.usefixtures("no_operator")
+
 ROOT = Path(__file__).resolve().parents[2]
 INVALID = sorted((ROOT / "tests" / "fixtures" / "invalid").glob("*.yaml"))
 EXAMPLES = sorted((ROOT / "docs" / "examples").glob("*.yaml"))
@@ -68,7 +71,7 @@ def test_docs_examples_apply(cluster: Cluster, crds: None, namespace: str, path:
         cluster.kubectl("delete", "-f", str(path))
 
 
-def test_get_shows_printer_columns(cluster: Cluster, crds: None, no_operator: None, namespace: str) -> None:
+def test_get_shows_printer_columns(cluster: Cluster, crds: None, namespace: str) -> None:
     cluster.kubectl("apply", "-n", namespace, "-f", str(ROOT / "docs/examples/finetune-full.yaml"))
     cluster.kubectl("apply", "-n", namespace, "-f", str(ROOT / "docs/examples/adapterdeployment.yaml"))
     header, row = cluster.kubectl("get", "ft", "-n", namespace).stdout.splitlines()[:2]
@@ -80,7 +83,7 @@ def test_get_shows_printer_columns(cluster: Cluster, crds: None, no_operator: No
     assert "MESSAGE" in wide.split()
 
 
-def test_status_is_a_subresource(cluster: Cluster, crds: None, no_operator: None, namespace: str) -> None:
+def test_status_is_a_subresource(cluster: Cluster, crds: None, namespace: str) -> None:
     cluster.kubectl("apply", "-n", namespace, "-f", str(ROOT / "docs/examples/finetune-minimal.yaml"))
     patch = json.dumps({"status": {"phase": "Training", "observedGeneration": 1}})
     # A write to the main resource drops status; only the subresource sets it.
