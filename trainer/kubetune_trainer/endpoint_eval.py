@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kubetune_trainer import data, evaluate, storage
-from kubetune_trainer.pipeline import ExitCode
+from kubetune_trainer.pipeline import ExitCode, announce
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +188,4 @@ def evaluate_endpoint(
 
 
 def report(summary: EvalSummary, termination_log: Path | None) -> None:
-    line = summary.to_json()
-    print(line, flush=True)
-    if termination_log is not None:
-        try:
-            termination_log.write_text(line)
-        except OSError as e:
-            log.warning("could not write the termination message to %s: %s", termination_log, e)
+    announce(summary.to_json(), termination_log)

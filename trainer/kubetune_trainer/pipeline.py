@@ -367,14 +367,18 @@ def execute(cfg: TrainerConfig, *, termination_log: Path | None, progress_bar: b
     except Exception as e:
         log.exception("run failed")
         summary, code = Summary("Failed", "TrainerError", f"{type(e).__name__}: {e}", cfg.run_id), ExitCode.FAILED
-    line = summary.to_json()
+    announce(summary.to_json(), termination_log)
+    return int(code)
+
+
+def announce(line: str, termination_log: Path | None) -> None:
+    """Print the one-line JSON result and write it where Kubernetes reads the termination message."""
     print(line, flush=True)
     if termination_log is not None:
         try:
             termination_log.write_text(line)
         except OSError as e:
             log.warning("could not write the termination message to %s: %s", termination_log, e)
-    return int(code)
 
 
 def default_termination_log() -> Path | None:
