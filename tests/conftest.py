@@ -6,11 +6,15 @@ suite without starting the cluster.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes import client as k8s
@@ -24,6 +28,26 @@ E2E_DIR = Path(__file__).parent / "e2e"
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPPORT_DATA = ROOT / "docs" / "examples" / "data" / "support"
+
+
+def run_trainer(
+    config: str, tmp: Path, name: str = "config.json", env: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any], str]:
+    """Run ``kubetune-trainer run`` on a config (JSON text) as a pod would: (exit code, termination summary, output)."""
+    path = tmp / name
+    path.write_text(config)
+    termination = tmp / (name + ".termination")
+    command = [sys.executable, "-m", "kubetune_trainer.cli", "run", "--config", str(path)]
+    result = subprocess.run(
+        [*command, "--termination-log", str(termination)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env=env,
+    )
+    summary = json.loads(termination.read_text()) if termination.exists() else {}
+    return result.returncode, summary, result.stdout + result.stderr
 
 
 def _cuda_available() -> bool:

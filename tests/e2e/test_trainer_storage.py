@@ -18,7 +18,7 @@ import yaml
 from kubetune_trainer import storage
 from kubetune_trainer.pipeline import ExitCode
 from tests.cluster.s3 import S3Server
-from tests.conftest import ROOT, SUPPORT_DATA
+from tests.conftest import ROOT, SUPPORT_DATA, run_trainer
 
 SLOW_DOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
@@ -271,28 +271,9 @@ def test_unreachable_storage_exits_as_transient(tmp_path: Path, tiny_model: Path
         "storage": {"endpoint": f"http://127.0.0.1:{closed}", "attempts": 2},
         "work_dir": str(tmp_path / "w"),
     }
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(cfg))
-    termination = tmp_path / "termination"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kubetune_trainer.cli",
-            "run",
-            "--config",
-            str(path),
-            "--termination-log",
-            str(termination),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={"PATH": "/usr/bin:/bin", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "HOME": str(tmp_path)},
-    )
-    assert result.returncode == ExitCode.STORAGE_UNAVAILABLE, result.stdout + result.stderr
-    summary = json.loads(termination.read_text())
+    env = {"PATH": "/usr/bin:/bin", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "HOME": str(tmp_path)}
+    code, summary, output = run_trainer(json.dumps(cfg), tmp_path, env=env)
+    assert code == ExitCode.STORAGE_UNAVAILABLE, output
     assert summary["reason"] == "StorageUnavailable"
     assert f"127.0.0.1:{closed}" in summary["message"] or "gave up" in summary["message"]
 

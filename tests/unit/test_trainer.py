@@ -28,7 +28,7 @@ from kubetune_trainer.config import (
 )
 from kubetune_trainer.pipeline import ExitCode
 from kubetune_trainer.progress import ProgressReporter
-from tests.conftest import SUPPORT_DATA
+from tests.conftest import SUPPORT_DATA, run_trainer
 
 
 def make_config(tmp: Path, model: Path, **overrides: Any) -> TrainerConfig:
@@ -65,27 +65,7 @@ def make_config(tmp: Path, model: Path, **overrides: Any) -> TrainerConfig:
 
 def run_cli(cfg: TrainerConfig, tmp: Path, name: str = "config.json") -> tuple[int, dict[str, Any], str]:
     """Run ``kubetune-trainer run`` as a pod would; return (exit code, termination summary, output)."""
-    path = tmp / name
-    path.write_text(cfg.model_dump_json())
-    termination = tmp / (name + ".termination")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kubetune_trainer.cli",
-            "run",
-            "--config",
-            str(path),
-            "--termination-log",
-            str(termination),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    summary = json.loads(termination.read_text()) if termination.exists() else {}
-    return result.returncode, summary, result.stdout + result.stderr
+    return run_trainer(cfg.model_dump_json(), tmp, name)
 
 
 def local(uri: str) -> Path:
@@ -443,26 +423,8 @@ def test_bad_input_fails_fast_naming_the_problem(
 
 
 def test_invalid_config_file_is_bad_input(tmp_path: Path) -> None:
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps({"run_id": "x"}))
-    termination = tmp_path / "termination"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kubetune_trainer.cli",
-            "run",
-            "--config",
-            str(path),
-            "--termination-log",
-            str(termination),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == ExitCode.BAD_INPUT
-    summary = json.loads(termination.read_text())
+    code, summary, _ = run_trainer(json.dumps({"run_id": "x"}), tmp_path)
+    assert code == ExitCode.BAD_INPUT
     assert summary["reason"] == "ConfigInvalid"
     assert "output_uri" in summary["message"]
 
