@@ -100,6 +100,7 @@ from kubernetes import watch as k8s_watch  # noqa: E402
 from kubernetes.client.exceptions import ApiException  # noqa: E402
 
 from tests.cluster import Cluster  # noqa: E402
+from tests.cluster.procs import stop_all  # noqa: E402
 
 MANIFEST = ROOT / "docs" / "examples" / "finetune-support-router.yaml"
 PROXY = Path(__file__).with_name("_proxy.py")
@@ -694,7 +695,7 @@ def run_size(
 
         procs = {
             **{s.name: psutil.Process(s.popen.pid) for s in cluster.control_plane.services},
-            "fake-kubelet (+pods)": psutil.Process(cluster.kubelet.popen.pid),
+            **({"fake-kubelet (+pods)": psutil.Process(cluster.kubelet.popen.pid)} if args.run_pods else {}),
             "s3": psutil.Process(cluster.s3.service.popen.pid),
             "operator": psutil.Process(operator.popen.pid),
             "proxy": psutil.Process(proxy.popen.pid),
@@ -912,6 +913,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--operator-workers", type=int, help="the operator's --workers (default: not passed, its own default)"
     )
+    parser.add_argument(
+        "--run-pods",
+        action="store_true",
+        help="keep the fake kubelet, which runs every trainer pod as a no-op process on this machine's cores "
+        "(default: pods are created by the Job controller but not run)",
+    )
     parser.add_argument("--workdir", help="where the cluster and logs go (default: a new temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the working folder (logs) afterwards")
     args = parser.parse_args(argv)
@@ -936,6 +943,9 @@ def main(argv: list[str] | None = None) -> int:
                 "KUBETUNE_DEFAULT_OUTPUT_URI": "s3://adapters/",
                 "KUBETUNE_DEFAULT_STORAGE_SECRET": "s3-credentials",
             },
+            "trainer_pods": "run as no-op processes by the fake kubelet"
+            if args.run_pods
+            else "created by the Job controller, not run (no kubelet)",
             "api_path": "operator -> counting proxy (plain HTTP, 127.0.0.1) -> kube-apiserver (TLS)",
         },
         "machine": machine(),
@@ -967,11 +977,18 @@ def main(argv: list[str] | None = None) -> int:
                 return True
 
             wait_for(listable, 60, "kubetune objects to be listable", interval=0.5)
+        if not args.run_pods:
+            # Trainer pods are not run: the Job controller still creates them, but with no kubelet
+            # they stay Pending. On a real cluster kubelets run on the GPU nodes, not on the cores
+            # the API server and the operator share here.
+            stop_all([cluster.kubelet])
         with api_client(cluster, pool=max(8, args.create_concurrency + 4)) as api:
             for size in sizes:
                 run = run_size(cluster, api, size, args, workdir)
                 report["runs"].append(run)
-                cluster.ensure_running()
+                cluster.control_plane.ensure_running()
+                if args.run_pods:
+                    cluster.kubelet.ensure_running()
     except BaseException as e:
         error = e
         report["error"] = f"{type(e).__name__}: {e}"
