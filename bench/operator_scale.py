@@ -556,7 +556,7 @@ def per_finetune(
     }
 
 
-LAUNCHED = re.compile(r"Handler '[^']*\blaunch' succeeded")
+LAUNCHED = re.compile(r"INFO kubetune\.finetune: \S+: created Job ")
 LEVEL = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 
 
@@ -588,7 +588,7 @@ def operator_log_summary(text: str, limit: int = 12) -> dict[str, Any]:
     handler_lines = sum(1 for line in lines if LAUNCHED.search(line))
     return {
         "lines_by_level": dict(levels),
-        "launch_handler_succeeded_lines": handler_lines,
+        "created_job_lines": handler_lines,
         "distinct_warning_error_shapes": dict(shapes.most_common(limit)),
         "excerpts": excerpts,
     }

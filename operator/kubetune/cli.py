@@ -172,6 +172,10 @@ def _operator(args: argparse.Namespace) -> int:
     # At DEBUG these log request headers, and an S3 request's headers name the access key.
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # kopf logs every handler call at INFO (a line per watch event); the controllers log what they
+    # do (Jobs created, phase changes). kopf's own warnings and errors still show; DEBUG shows all.
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings = OperatorSettings.from_env(
         metrics_port=args.metrics_port,
         health_port=args.health_port,

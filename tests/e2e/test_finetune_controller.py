@@ -346,6 +346,80 @@ def test_missing_credentials_secret_waits_and_recovers(cluster: Cluster, operato
     assert st["phase"] != "Failed"
 
 
+def s3_keys(cluster: Cluster, namespace: str, name: str, uid: str) -> list[str]:
+    listed = cluster.s3.client().list_objects_v2(Bucket="adapters", Prefix=f"{namespace}/{name}/{uid}/")
+    return [o["Key"] for o in listed.get("Contents", [])]
+
+
+def test_a_running_finetune_carries_no_operator_state_and_deletes_with_the_operator_down(
+    cluster: Cluster, operator: Operator, tenant: str
+) -> None:
+    ns = tenant
+    apply(cluster, ns, example("stateless", training={"epochs": 8}))
+    wait_for("the run", phase_in(cluster, ns, "stateless", "Preparing", "Training", "Evaluating"))
+    wait_for("a progress report", lambda: status(cluster, ns, "stateless").get("progress"))
+    obj = get(cluster, ns, "finetune", "stateless")
+    assert obj is not None
+    assert not obj["metadata"].get("finalizers"), obj["metadata"]
+    assert not [a for a in obj["metadata"].get("annotations") or {} if a.startswith("kubetune.io/")], obj["metadata"]
+    operator.stop()
+    try:
+        # Nothing of the operator's blocks the deletion: it completes with no operator running.
+        cluster.kubectl("delete", "ft", "stateless", "-n", ns, "--timeout=30s")
+        assert get(cluster, ns, "finetune", "stateless") is None
+    finally:
+        operator.start()
+    wait_for("no Job", lambda: not jobs(cluster, ns) or None, timeout=60)
+
+
+def test_artifacts_are_retained_on_delete_unless_retention_is_delete(
+    cluster: Cluster, operator: Operator, tenant: str
+) -> None:
+    ns = tenant
+    apply(cluster, ns, example("retains", training={"epochs": 1}))
+    apply(cluster, ns, example("drops", training={"epochs": 1}, output={"retention": "Delete"}))
+    uids = {}
+    for name in ("retains", "drops"):
+        st = wait_for("the end", phase_in(cluster, ns, name, "Succeeded", "Failed"), timeout=300)
+        assert st["adapter"]["uri"], st
+        obj = get(cluster, ns, "finetune", name)
+        assert obj is not None
+        uids[name] = obj["metadata"]["uid"]
+        # Only the FineTune whose artifacts the operator must delete carries its finalizer.
+        expected = ["kubetune.io/finalizer"] if name == "drops" else []
+        assert (obj["metadata"].get("finalizers") or []) == expected, obj["metadata"]
+    retained = s3_keys(cluster, ns, "retains", uids["retains"])
+    assert any(k.endswith("adapter_config.json") for k in retained), retained
+    assert s3_keys(cluster, ns, "drops", uids["drops"])
+    cluster.kubectl("delete", "ft", "retains", "drops", "-n", ns, "--timeout=60s")
+    assert s3_keys(cluster, ns, "drops", uids["drops"]) == []
+    assert s3_keys(cluster, ns, "retains", uids["retains"]) == retained
+
+
+def test_a_job_deleted_under_a_running_finetune_is_created_again(
+    cluster: Cluster, operator: Operator, tenant: str
+) -> None:
+    ns = tenant
+    apply(cluster, ns, example("rerun", training={"epochs": 1}))
+    (job,) = wait_for("the Job", lambda: jobs(cluster, ns))
+    cluster.kubectl("delete", "job", job["metadata"]["name"], "-n", ns, "--wait=true", "--timeout=60s")
+
+    def replaced() -> list[dict[str, Any]] | None:
+        found = [j for j in jobs(cluster, ns) if j["metadata"]["uid"] != job["metadata"]["uid"]]
+        return found or None
+
+    (again,) = wait_for("a new Job", replaced, timeout=60)
+    assert again["metadata"]["name"] == job["metadata"]["name"]
+    st = wait_for("the end", phase_in(cluster, ns, "rerun", "Succeeded", "Failed"), timeout=300)
+    # One epoch may or may not beat prompting; either way the run finished, in the new Job.
+    assert condition(st, "Ready")["reason"] in ("Succeeded", "EvalGateFailed"), st
+    assert st["adapter"]["uri"], st
+    (last,) = jobs(cluster, ns)
+    assert last["metadata"]["uid"] == again["metadata"]["uid"]
+    ended = {c["type"] for c in last["status"].get("conditions") or [] if c["status"] == "True"}
+    assert ended & {"Complete", "Failed"}, last["status"]  # a failing gate fails the Job (podFailurePolicy)
+
+
 def test_secrets_never_leak(cluster: Cluster, operator: Operator, tenant: str) -> None:
     # Runs after the others in this module: everything they left behind is searched too.
     ns = tenant

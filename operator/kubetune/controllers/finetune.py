@@ -144,6 +144,7 @@ def register(config: OperatorSettings, registry: kopf.OperatorRegistry) -> None:
             book.record(uid, new)
         if new.get("phase") != old.get("phase"):
             metrics.finetune_phase(meta["namespace"], meta["name"], new.get("phase"))
+            log.info("%s/%s: %s -> %s", meta["namespace"], meta["name"], old.get("phase") or "-", new.get("phase"))
         # Events for the transitions a person acts on; Pending and Preparing come and go within seconds.
         if new.get("phase") != old.get("phase") and new.get("phase") not in ("Pending", "Preparing"):
             reason = next((c["reason"] for c in new.get("conditions", []) if c["type"] == "Ready"), new.get("phase"))
@@ -296,6 +297,7 @@ def register(config: OperatorSettings, registry: kopf.OperatorRegistry) -> None:
         except ForeignObjectError as e:
             raise RetryError(f"{e}; waiting for it to go away", 5) from e
         if created:
+            log.info("%s/%s: created Job %s", namespace, meta["name"], job["metadata"]["name"])
             metrics.JOB_LAUNCHES.inc()
             resources = plan.spec.resources
             metrics.GPUS_REQUESTED.inc((resources.gpus if resources else 1) * (resources.nodes if resources else 1))
@@ -342,7 +344,7 @@ def register(config: OperatorSettings, registry: kopf.OperatorRegistry) -> None:
         scheduler.cancel(("retry", uid))
         scheduler.cancel(("progress", uid))
 
-    @kopf.on.event(*FT, registry=registry)
+    @kopf.on.event(*FT, id="reconcile", registry=registry)
     def finetune_event(*, type: str, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
         meta = body["metadata"]
         if type == "DELETED":
@@ -355,7 +357,7 @@ def register(config: OperatorSettings, registry: kopf.OperatorRegistry) -> None:
 
     # ------------------------------------------------------------------ follow the Job
 
-    @kopf.on.event("batch", "v1", "jobs", labels={build.FINETUNE_LABEL: kopf.PRESENT}, registry=registry)
+    @kopf.on.event("batch", "v1", "jobs", labels={build.FINETUNE_LABEL: kopf.PRESENT}, id="job", registry=registry)
     def follow_job(*, type: str, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
         finetune_index: kopf.Index[Any, Any] = kwargs["finetune_index"]
         meta = body["metadata"]
