@@ -5,8 +5,11 @@ tenants). What a user feels is the time from ``create`` to a training Job
 existing; what the API server feels is how many requests the operator spends
 per FineTune to get there. Both are measured here against a real control plane
 (the test cluster of ``tests/cluster``: etcd, kube-apiserver and the
-controller manager, a fake kubelet, a loopback S3), with the operator as its
-own process, exactly as ``kubetune operator`` runs in a pod.
+controller manager, a loopback S3), with the operator as its own process,
+exactly as ``kubetune operator`` runs in a pod. The Job controller creates the
+trainer pods, but they are not run: on a real cluster kubelets run on the GPU
+nodes, not on the cores the API server and the operator share here
+(``--run-pods`` keeps the fake kubelet, which runs each pod as a no-op process).
 
 What one run does, per size N (``--sizes 100,500``), each in a fresh namespace
 and with a fresh operator process:
@@ -50,13 +53,13 @@ How to read the output (one JSON document on stdout; progress on stderr):
   Job POST's response (handling), → the Job's watch event (delivery).
 - ``runs[].cpu_s_up_to_jobs`` tells where this machine's CPU went between
   the first create and the last Job (the operator competes with the API
-  server, etcd, the controller manager and the fake kubelet's pods);
+  server, etcd and the controller manager; with ``--run-pods``, the fake kubelet's pods);
   ``not_this_benchmark_cpu_s`` is CPU used by anything else on the machine
   (a busy machine makes every latency longer: compare before concluding).
 - ``targets`` says pass/fail against the goals: p99 ≤ 2 s at 100 FineTunes,
   ≤ 6 write requests per FineTune up to Job-created (every size).
 
-Usage: ``.venv/bin/python bench/operator_scale.py [--sizes 100,500] [--settle 10] [--keep]``.
+Usage: ``.venv/bin/python bench/operator_scale.py [--sizes 100,500] [--settle 10] [--run-pods] [--keep]``.
 """
 
 from __future__ import annotations
