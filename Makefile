@@ -73,7 +73,7 @@ clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
 
 # The Helm chart carries copies of crds/ (Helm installs a chart's crds/ first);
-# tests/unit/test_chart.py fails when they differ. kopf.dev_peerings.yaml there is kopf's, not generated.
+# tests/unit/test_chart.py fails when they differ.
 .PHONY: chart
 chart:
 	rm -f charts/kubetune/crds/kubetune.io_*.yaml

@@ -183,7 +183,14 @@ def _operator(args: argparse.Namespace) -> int:
         default_output_uri=args.default_output,
     )
     namespaces = [n for item in args.namespace for n in item.split(",") if n]
-    operator.run(settings, namespaces=namespaces, peering=args.peering, workers=args.workers)
+    election = None
+    if args.leader_elect:
+        election = operator.LeaderElectionConfig(
+            namespace=args.leader_election_namespace or operator.LeaderElectionConfig.default_namespace(),
+            name=args.leader_election_name,
+            lease_seconds=args.leader_election_lease_seconds,
+        )
+    operator.run(settings, namespaces=namespaces, leader_election=election, workers=args.workers)
     return 0
 
 
@@ -232,7 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="namespace to watch (repeatable, or comma-separated); default: all",
     )
-    op.add_argument("--peering", help="kopf peering name: run several replicas, one active (default: standalone)")
+    op.add_argument(
+        "--leader-elect",
+        action="store_true",
+        help="run several replicas: only the one holding a coordination.k8s.io Lease reconciles, the others wait",
+    )
+    op.add_argument(
+        "--leader-election-namespace",
+        help="namespace of the Lease (default: $POD_NAMESPACE, else the service account's namespace)",
+    )
+    op.add_argument("--leader-election-name", default="kubetune-operator", help="name of the Lease")
+    op.add_argument(
+        "--leader-election-lease-seconds",
+        type=float,
+        default=15.0,
+        help="how long a Lease lasts without renewal before a standby takes over (default 15)",
+    )
     op.add_argument("--workers", type=int, default=8, help="threads for handlers (default 8)")
     op.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 8080; 0 disables)")
     op.add_argument("--health-port", type=int, help="/healthz port (default 8081; 0 disables)")

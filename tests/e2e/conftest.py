@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -40,9 +40,13 @@ RUNNING: list[Operator] = []
 class Operator:
     """``kubetune operator`` as a subprocess against the test cluster; restartable mid-test."""
 
-    def __init__(self, cluster: Cluster, workdir: Path) -> None:
+    def __init__(
+        self, cluster: Cluster, workdir: Path, args: Sequence[str] = (), env: Mapping[str, str] | None = None
+    ) -> None:
         self.cluster = cluster
         self.workdir = workdir
+        self.args = list(args)
+        self.extra_env = dict(env or {})
         self.log_path = workdir / "operator.log"
         self.metrics_port = free_port()
         self.health_port = free_port()
@@ -62,13 +66,14 @@ class Operator:
             "KUBETUNE_ROLLOUT_INTERVAL_SECONDS": "1",
             "KUBETUNE_METRICS_PORT": str(self.metrics_port),
             "KUBETUNE_HEALTH_PORT": str(self.health_port),
+            **self.extra_env,
         }
 
     def start(self) -> None:
         log = self.log_path.open("ab")
         RUNNING.append(self)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kubetune.cli", "operator", "--log-level", "INFO"],
+            [sys.executable, "-m", "kubetune.cli", "operator", "--log-level", "INFO", *self.args],
             env=self.env(),
             stdout=log,
             stderr=subprocess.STDOUT,

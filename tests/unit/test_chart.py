@@ -42,13 +42,13 @@ REQUIRED: dict[tuple[str, str], set[str]] = {
     ("apps", "deployments"): {"get", "create", "patch", "delete"},
 }
 CLUSTER_SCOPED = {("kubetune.io", "finetunetemplates")}
-PEERING_VERBS = {"get", "list", "watch", "patch"}
+LEASE_VERBS = {"get", "create", "update"}
 
 MODES = {
     "cluster-wide": [],
     "namespaced": ["--set", "watchNamespaces={a,b}"],
-    "cluster-wide-peering": ["--set", "replicaCount=2"],
-    "namespaced-peering": ["--set", "watchNamespaces={a,b}", "--set", "replicaCount=2"],
+    "cluster-wide-replicas": ["--set", "replicaCount=2"],
+    "namespaced-replicas": ["--set", "watchNamespaces={a,b}", "--set", "replicaCount=2"],
 }
 
 
@@ -156,9 +156,8 @@ def test_rbac_grants_exactly_what_the_operator_needs(helm: Path, mode: str) -> N
     docs = render(helm, *MODES[mode])
     roles = of_kind(docs, "ClusterRole") + of_kind(docs, "Role")
     expected = {k: set(v) for k, v in REQUIRED.items()}
-    if "peering" in mode:
-        plural = "kopfpeerings" if "namespaced" in mode else "clusterkopfpeerings"
-        expected["kopf.dev", plural] = PEERING_VERBS
+    if "replicas" in mode:
+        expected["coordination.k8s.io", "leases"] = LEASE_VERBS
     assert permissions(roles) == expected
 
 
@@ -183,6 +182,8 @@ def test_secrets_are_only_read_by_name(helm: Path, mode: str) -> None:
 
 def test_readme_and_helpers_list_the_same_rules() -> None:
     readme = (CHART / "README.md").read_text(encoding="utf-8")
+    readme = readme[readme.index("## RBAC") :]
+    readme = readme[: readme.index("\n## ", 1)]
     rows = re.findall(r"^\| `([^`]*)`(?: \(core\))? \| `([^`]+)` \| ([a-z, ]+) \|$", readme, re.MULTILINE)
     listed = {(g.strip('"'), r): {v.strip() for v in verbs.split(",")} for g, r, verbs in rows}
     assert listed == REQUIRED
@@ -254,45 +255,37 @@ def test_schema_closes_every_object() -> None:
 def test_chart_crds_equal_the_generated_crds() -> None:
     generated = {p.name: p.read_text(encoding="utf-8") for p in (ROOT / "crds").glob("*.yaml")}
     in_chart = {p.name: p.read_text(encoding="utf-8") for p in (CHART / "crds").glob("*.yaml")}
-    assert set(in_chart) - set(generated) == {"kopf.dev_peerings.yaml"}, "chart crds/ has extra files; run `make chart`"
+    assert set(in_chart) == set(generated), "chart crds/ has other files than crds/; run `make chart`"
     stale = sorted(name for name, text in generated.items() if in_chart.get(name) != text)
     assert not stale, f"charts/kubetune/crds differs from crds/ ({', '.join(stale)}); run `make chart`"
 
 
-def test_kopf_peering_crds_are_shipped() -> None:
-    docs = list(yaml.safe_load_all((CHART / "crds" / "kopf.dev_peerings.yaml").read_text(encoding="utf-8")))
-    kinds = {(d["spec"]["group"], d["spec"]["names"]["kind"], d["spec"]["scope"]) for d in docs}
-    assert kinds == {("kopf.dev", "ClusterKopfPeering", "Cluster"), ("kopf.dev", "KopfPeering", "Namespaced")}
-    for doc in docs:
-        assert [v["name"] for v in doc["spec"]["versions"] if v["served"] and v["storage"]] == ["v1"]
+# ---------------------------------------------------------------- leader election
 
 
-# ---------------------------------------------------------------- peering
-
-
-def test_one_replica_runs_standalone(helm: Path) -> None:
+def test_one_replica_runs_without_leader_election(helm: Path) -> None:
     docs = render(helm)
     assert deployment(docs)["spec"]["replicas"] == 1
-    assert "--peering" not in operator_container(docs)["args"]
-    assert not of_kind(docs, "ClusterKopfPeering")
-    assert not of_kind(docs, "KopfPeering")
+    assert "--leader-elect" not in operator_container(docs)["args"]
+    assert not [r for r in of_kind(docs, "Role") if r["metadata"]["name"].endswith("-leader-election")]
 
 
-def test_two_replicas_add_peering(helm: Path) -> None:
-    docs = render(helm, *MODES["cluster-wide-peering"])
+@pytest.mark.parametrize("mode", ["cluster-wide-replicas", "namespaced-replicas"])
+def test_two_replicas_elect_a_leader_through_a_lease_in_the_release_namespace(helm: Path, mode: str) -> None:
+    docs = render(helm, *MODES[mode])
     assert deployment(docs)["spec"]["replicas"] == 2
-    args = operator_container(docs)["args"]
-    assert args[args.index("--peering") + 1] == "kubetune"
-    # kopf patches the peering object but never creates it.
-    assert [p["metadata"]["name"] for p in of_kind(docs, "ClusterKopfPeering")] == ["kubetune"]
-    assert env_of(docs)["POD_ID"] is None  # from the downward API: the pod name is kopf's peer identity
-
-
-def test_two_replicas_in_namespaced_mode_peer_in_each_namespace(helm: Path) -> None:
-    docs = render(helm, *MODES["namespaced-peering"])
-    assert "--peering" in operator_container(docs)["args"]
-    assert not of_kind(docs, "ClusterKopfPeering")
-    assert sorted(p["metadata"]["namespace"] for p in of_kind(docs, "KopfPeering")) == ["a", "b"]
+    args = build_parser().parse_args(["operator", *operator_container(docs)["args"]])
+    assert args.leader_elect is True
+    assert args.leader_election_name == "kubetune-operator"
+    assert args.leader_election_lease_seconds == 15
+    env = env_of(docs)
+    assert env["POD_NAME"] is None  # both from the downward API
+    assert env["POD_NAMESPACE"] is None
+    (role,) = [r for r in of_kind(docs, "Role") if r["metadata"]["name"].endswith("-leader-election")]
+    assert role["metadata"]["namespace"] == deployment(docs)["metadata"]["namespace"]
+    assert permissions([role]) == {("coordination.k8s.io", "leases"): LEASE_VERBS}
+    (binding,) = [b for b in of_kind(docs, "RoleBinding") if b["metadata"]["name"] == role["metadata"]["name"]]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
 
 
 # ---------------------------------------------------------------- the operator Deployment

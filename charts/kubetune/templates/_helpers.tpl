@@ -53,8 +53,8 @@ app.kubernetes.io/component: operator
 {{- default (printf "ghcr.io/kubetune/trainer:%s" .Chart.AppVersion) .Values.trainerImage }}
 {{- end }}
 
-{{/* True ("true") when replicas elect one active operator through kopf peering. */}}
-{{- define "kubetune.peering" -}}
+{{/* True ("true") when replicas elect one active operator through a coordination.k8s.io Lease. */}}
+{{- define "kubetune.leaderElection" -}}
 {{- if gt (int .Values.replicaCount) 1 }}true{{ end }}
 {{- end }}
 
@@ -73,9 +73,8 @@ per-namespace Roles cannot drift apart. The operator needs exactly:
   ""           secrets                    get   (storage credentials; never list or watch)
   ""           events                     create
   apps         deployments                get create patch delete
-and, only with peering (replicaCount > 1), kopf's peering objects:
-  kopf.dev     clusterkopfpeerings        get list watch patch   (cluster-wide mode)
-  kopf.dev     kopfpeerings               get list watch patch   (namespaced mode, each namespace)
+and, only with leader election (replicaCount > 1), in the release's namespace:
+  coordination.k8s.io  leases             get create update   (the replicas' Lease)
 No wildcard anywhere, and no list/watch of CRDs or namespaces: kopf's run-time
 scanning of those (new CRDs, namespaces matching glob patterns) is not needed by
 an operator that watches its own CRDs in named namespaces. The operator should

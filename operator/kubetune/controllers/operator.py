@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import kopf
@@ -14,6 +23,7 @@ from prometheus_client import start_http_server
 from kubetune.builders.settings import OperatorSettings
 from kubetune.controllers import adapterdeployment, finetune
 from kubetune.controllers.kube import Kube
+from kubetune.controllers.leader import LeaderElection
 
 log = logging.getLogger("kubetune")
 
@@ -65,27 +75,111 @@ def build_registry(settings: OperatorSettings, *, workers: int) -> kopf.Operator
     return registry
 
 
+@dataclass(frozen=True)
+class LeaderElectionConfig:
+    """Where the replicas' Lease lives and how long it lasts (renewals every lease/7.5 s, given up after 2/3)."""
+
+    namespace: str
+    name: str = "kubetune-operator"
+    identity: str = ""
+    lease_seconds: float = 15.0
+
+    @staticmethod
+    def default_identity() -> str:
+        """The pod's name (or the host's) and a random suffix: a restarted container is a new candidate."""
+        base = os.environ.get("POD_NAME") or socket.gethostname()
+        return f"{base}_{uuid.uuid4().hex[:8]}"
+
+    @staticmethod
+    def default_namespace() -> str:
+        """$POD_NAMESPACE, else the service account's namespace, else ``default``."""
+        if os.environ.get("POD_NAMESPACE"):
+            return os.environ["POD_NAMESPACE"]
+        try:
+            return SA_NAMESPACE_FILE.read_text(encoding="utf-8").strip() or "default"
+        except OSError:
+            return "default"
+
+
+SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+@contextlib.contextmanager
+def standby_health(port: int | None) -> Iterator[None]:
+    """Answer /healthz while a replica waits for the Lease (kopf serves it once the replica leads)."""
+    if not port:
+        yield
+        return
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            ok = self.path.split("?")[0] == "/healthz"
+            body = b'{"standby": true}' if ok else b"{}"
+            self.send_response(200 if ok else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("0.0.0.0", port), Health)
+    thread = threading.Thread(target=server.serve_forever, name="standby-health", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _lost_the_lease() -> None:
+    # Another replica may be leading already: stop at once, without finishing handlers
+    # (the Deployment restarts this container, which then stands by).
+    logging.shutdown()
+    os._exit(1)
+
+
 def run(
     settings: OperatorSettings,
     *,
     namespaces: list[str],
-    peering: str | None,
+    leader_election: LeaderElectionConfig | None = None,
     workers: int = 8,
 ) -> None:
-    """Run until SIGINT/SIGTERM. With ``peering``, replicas elect one active instance (kopf peering)."""
+    """Run until SIGINT/SIGTERM. With ``leader_election``, only the replica holding the Lease reconciles."""
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
         log.info("metrics on :%d/metrics", settings.metrics_port)
+    elector: LeaderElection | None = None
+    if leader_election is not None:
+        lease = leader_election.lease_seconds
+        elector = LeaderElection(
+            api=api_client(),
+            namespace=leader_election.namespace,
+            name=leader_election.name,
+            identity=leader_election.identity or LeaderElectionConfig.default_identity(),
+            lease_duration=lease,
+            renew_deadline=lease * 2 / 3,
+            retry_period=lease / 7.5,
+        )
+        with standby_health(settings.health_port):
+            elector.acquire()
+        elector.keep(on_lost=_lost_the_lease)
     registry = build_registry(settings, workers=workers)
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
-    asyncio.run(
-        kopf.operator(
-            registry=registry,
-            clusterwide=not namespaces,
-            namespaces=namespaces,
-            standalone=peering is None,
-            peering_name=peering,
-            liveness_endpoint=liveness,
-            memo=kopf.Memo(),
+    try:
+        asyncio.run(
+            kopf.operator(
+                registry=registry,
+                clusterwide=not namespaces,
+                namespaces=namespaces,
+                standalone=True,
+                liveness_endpoint=liveness,
+                memo=kopf.Memo(),
+            )
         )
-    )
+    finally:
+        if elector is not None:
+            elector.release()
