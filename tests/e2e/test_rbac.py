@@ -3,10 +3,11 @@
 The chart is rendered with ``helm template`` and applied; the operator runs
 with a kubeconfig holding only a token of the chart's ServiceAccount, behind a
 proxy that records every request. The whole story runs: a templated FineTune
-trains and succeeds; a second one is created suspended, survives an operator
-restart (which re-reads what exists) and resumes; an AdapterDeployment serves
-the first adapter and promotes the second through a canary; both FineTunes are
-deleted.
+trains and succeeds; a second one (whose artifacts go with it) is created
+suspended, survives an operator stopped between creating its Job and writing
+its status (the restarted one re-reads and adopts what exists) and resumes;
+an AdapterDeployment serves the first adapter and promotes the second through
+a canary; both FineTunes are deleted.
 
 Then, from the recorded requests: none was forbidden, and every verb of every
 rule in the rendered ClusterRole was used successfully. Removing any one rule
@@ -32,7 +33,7 @@ import yaml
 from tests.cluster import Cluster
 from tests.conftest import ROOT
 from tests.e2e.conftest import ACCESS_KEY, SECRET_KEY, Operator
-from tests.e2e.test_finetune_controller import apply, example, get, phase_in, wait_for
+from tests.e2e.test_finetune_controller import apply, example, get, jobs, phase_in, wait_for
 
 RELEASE_NS = "kubetune-system"
 SA = "kubetune"
@@ -164,10 +165,19 @@ def test_happy_path_with_the_charts_service_account_uses_every_rule(
     cluster.kubectl("apply", "-f", "-", input=json.dumps(template))
     try:
         apply(cluster, ns, example("first", templateRef={"name": template["metadata"]["name"]}))
-        apply(cluster, ns, example("second", training={"seed": 7}, runPolicy={"suspend": True}))
+        second = example("second", training={"seed": 7}, runPolicy={"suspend": True}, output={"retention": "Delete"})
+        apply(cluster, ns, second)
         wait_for("the second Job, suspended", lambda: get(cluster, ns, "job", "second-train"))
-        # A restart re-reads (GET) the ConfigMap and Job that already exist instead of creating twins.
-        chart_operator.restart()
+        wait_for("its status", lambda: (get(cluster, ns, "ft", "second") or {}).get("status", {}).get("jobName"))
+        # As if the operator had stopped between creating the Job and writing status: the restarted
+        # one re-reads (GET) the ConfigMap and Job that exist and adopts them instead of creating twins.
+        chart_operator.stop()
+        no_status = ["--subresource=status", "--type=merge", "-p", '{"status":null}']
+        cluster.kubectl("patch", "ft", "second", "-n", ns, *no_status)
+        chart_operator.start()
+        wait_for("adoption", lambda: (get(cluster, ns, "ft", "second") or {}).get("status", {}).get("runId"))
+        names = [j["metadata"]["name"] for j in jobs(cluster, ns)]
+        assert sorted(names) == ["first-train", "second-train"], names
         cluster.kubectl(
             "patch", "ft", "second", "-n", ns, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}'
         )

@@ -523,3 +523,14 @@ def test_failed_status_before_the_job_exists() -> None:
     final = st.failed_status(copy.deepcopy(waiting), "TemplateViolation", "rule", generation=1, now=NOW, terminal=True)
     assert final["phase"] == "Failed"
     assert cond(final, "Stalled")["status"] == "True"
+
+
+def test_launched_only_once_validated_reached_status() -> None:
+    assert not st.launched({}, "x-train")
+    # What observing the Job alone writes (an operator stopped before its own status write): adopt again.
+    observed = st.observe({}, st.Observation(job=job()), generation=1, now=NOW)
+    assert observed["jobName"] == "x-train"
+    assert not st.launched(observed, "x-train")
+    done = st.validated(observed, "x-train", "run-1", generation=1, now=NOW)
+    assert st.launched(done, "x-train")
+    assert not st.launched(done, "other-train")

@@ -293,6 +293,12 @@ def failed_status(
     return new
 
 
+def launched(status: dict[str, Any], job_name: str) -> bool:
+    """Whether creating ``job_name`` reached status (:func:`validated` ran); if not, the Job is adopted."""
+    ok = any(c.get("type") == "Validated" and c.get("status") == "True" for c in status.get("conditions") or [])
+    return ok and status.get("jobName") == job_name and bool(status.get("runId"))
+
+
 def validated(
     status: dict[str, Any], job_name: str, run_id: str, *, generation: int | None, now: str
 ) -> dict[str, Any]:

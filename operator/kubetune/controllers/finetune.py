@@ -208,7 +208,7 @@ def register(config: OperatorSettings, registry: kopf.OperatorRegistry) -> None:
                 return
             if job is None and launched.get(uid) == name:
                 return  # this process created it; its watch event is on the way
-            if job is None or current.get("jobName") != name:
+            if job is None or not st.launched(current, name):
                 # No Job, or one whose creation never reached status (an operator stopped in between): adopt it.
                 job = launch(k, obj)
                 if job is None:
@@ -374,7 +374,7 @@ def register(config: OperatorSettings, registry: kopf.OperatorRegistry) -> None:
             running.pop(uid, None)
             scheduler.cancel(("progress", uid))
             if launched.get(uid) == meta["name"]:
-                del launched[uid]
+                launched.pop(uid, None)
             if not terminal:
                 scheduler.call_later(("retry", uid), RELAUNCH_DELAY_S, partial(relaunch, k, obj))
             return
@@ -439,9 +439,10 @@ def register(config: OperatorSettings, registry: kopf.OperatorRegistry) -> None:
 
     def poll_progress(uid: str) -> None:
         """Mirror ``progress.json`` of a running Job into status, then poll again after the interval."""
-        if uid not in running:
-            return
-        k, obj, job = running[uid]
+        current = running.get(uid)
+        if current is None:
+            return  # the Job ended, was suspended or went away
+        k, obj, job = current
         run = (job["metadata"].get("annotations") or {}).get("kubetune.io/output")
         if run:
             namespace = obj["metadata"]["namespace"]
