@@ -167,6 +167,17 @@ def register(config: OperatorSettings, registry: kopf.OperatorRegistry) -> None:
     def queue_of(spec: dict[str, Any]) -> str | None:
         return ((spec.get("runPolicy") or {}).get("queueName")) or config.default_queue
 
+    def user_suspended(spec: dict[str, Any]) -> bool:
+        return bool((spec.get("runPolicy") or {}).get("suspend"))
+
+    def observe(k: Kube, obj: dict[str, Any], job: dict[str, Any], **seen: Any) -> dict[str, Any]:
+        """Update status from what was seen of the FineTune's Job (and its pods' summary, or progress.json)."""
+        seen_all = st.Observation(
+            job=job, suspended_by_user=user_suspended(obj["spec"]), queue=queue_of(obj["spec"]), **seen
+        )
+        generation = obj["metadata"].get("generation")
+        return update_status(k, obj, lambda cur: st.observe(cur, seen_all, generation=generation, now=now_iso()))
+
     # ------------------------------------------------------------------ indexes (no API reads to look things up)
 
     @kopf.index(*FT, id="finetune_index", registry=registry)
@@ -321,7 +332,7 @@ def register(config: OperatorSettings, registry: kopf.OperatorRegistry) -> None:
         suspends a queued Job but never unsuspends it (Kueue admits it).
         """
         uid = obj["metadata"]["uid"]
-        wanted = bool((obj["spec"].get("runPolicy") or {}).get("suspend"))
+        wanted = user_suspended(obj["spec"])
         actual = bool(job["spec"].get("suspend"))
         if wanted == actual or (actual and queue_of(obj["spec"])):
             suspend_sent.pop(uid, None)
@@ -389,15 +400,7 @@ def register(config: OperatorSettings, registry: kopf.OperatorRegistry) -> None:
         if ended:
             summary, reason = _summary_from_pods(k.job_pods(namespace, meta["name"]))
         spec = obj["spec"]
-        seen = st.Observation(
-            job=job,
-            summary=summary,
-            container_reason=reason,
-            suspended_by_user=bool((spec.get("runPolicy") or {}).get("suspend")),
-            queue=queue_of(spec),
-        )
-        observe = partial(st.observe, seen=seen, generation=obj["metadata"].get("generation"), now=now_iso())
-        new = update_status(k, obj, observe)
+        new = observe(k, obj, job, summary=summary, container_reason=reason)
         if new.get("phase") in st.TERMINAL_PHASES:
             running.pop(uid, None)
             scheduler.cancel(("progress", uid))
@@ -451,15 +454,7 @@ def register(config: OperatorSettings, registry: kopf.OperatorRegistry) -> None:
             except storage.StorageError:
                 progress = None  # not written yet, or the store is briefly away: the next poll tries again
             if progress:
-                spec = obj["spec"]
-                seen = st.Observation(
-                    job=job,
-                    progress=progress,
-                    suspended_by_user=bool((spec.get("runPolicy") or {}).get("suspend")),
-                    queue=queue_of(spec),
-                )
-                generation = obj["metadata"].get("generation")
-                update_status(k, obj, lambda cur: st.observe(cur, seen, generation=generation, now=now_iso()))
+                observe(k, obj, job, progress=progress)
         if uid in running:
             scheduler.call_later(("progress", uid), config.status_interval_seconds, partial(poll_progress, uid))
 
