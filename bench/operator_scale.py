@@ -559,7 +559,7 @@ def per_finetune(
     }
 
 
-LAUNCHED = re.compile(r"INFO kubetune\.finetune: \S+: created Job ")
+CREATED_JOB = re.compile(r"INFO kubetune\.finetune: \S+: created Job ")
 LEVEL = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 
 
@@ -588,10 +588,10 @@ def operator_log_summary(text: str, limit: int = 12) -> dict[str, Any]:
                     if ln and not ln[0].isspace() and not ln.startswith(("Traceback", "HTTP response headers")):
                         follow.append(ln[:400])
                 excerpts.append("\n".join([line[:600], *follow[:4]]))
-    handler_lines = sum(1 for line in lines if LAUNCHED.search(line))
+    created_jobs = sum(1 for line in lines if CREATED_JOB.search(line))
     return {
         "lines_by_level": dict(levels),
-        "created_job_lines": handler_lines,
+        "created_job_lines": created_jobs,
         "distinct_warning_error_shapes": dict(shapes.most_common(limit)),
         "excerpts": excerpts,
     }

@@ -81,7 +81,6 @@ class LeaderElectionConfig:
 
     namespace: str
     name: str = "kubetune-operator"
-    identity: str = ""
     lease_seconds: float = 15.0
 
     @staticmethod
@@ -159,7 +158,7 @@ def run(
             api=api_client(),
             namespace=leader_election.namespace,
             name=leader_election.name,
-            identity=leader_election.identity or LeaderElectionConfig.default_identity(),
+            identity=LeaderElectionConfig.default_identity(),
             lease_duration=lease,
             renew_deadline=lease * 2 / 3,
             retry_period=lease / 7.5,
