@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from kubetune_trainer import storage
-from kubetune_trainer.pipeline import ExitCode
+from kubetune_trainer.contract import ExitCode
 from tests.cluster.s3 import S3Server
 from tests.conftest import ROOT, SUPPORT_DATA, run_trainer
 

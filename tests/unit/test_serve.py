@@ -29,7 +29,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune_trainer import cli, data, modeling, storage
-from kubetune_trainer.pipeline import ExitCode
+from kubetune_trainer.contract import ExitCode
 from tests.conftest import SUPPORT_DATA
 
 BASE = "tiny"

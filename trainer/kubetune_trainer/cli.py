@@ -4,7 +4,7 @@
 
 runs one fine-tune end to end (see :mod:`kubetune_trainer.pipeline`), prints
 a one-line JSON summary and writes it to the termination-message path.
-Exit codes are listed in :class:`kubetune_trainer.pipeline.ExitCode`.
+Exit codes are listed in :class:`kubetune_trainer.contract.ExitCode`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from kubetune_trainer import __version__
 from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.contract import ExitCode, Summary
 
 if TYPE_CHECKING:
     from kubetune_trainer.storage import S3Settings
@@ -36,13 +37,13 @@ def _load_config(path: str) -> TrainerConfig:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kubetune_trainer.pipeline import ExitCode, Summary, default_termination_log, execute
+    from kubetune_trainer.pipeline import default_termination_log, execute
 
     termination_log = Path(args.termination_log) if args.termination_log else default_termination_log()
     try:
         cfg = _load_config(args.config)
     except (OSError, ValueError, ValidationError) as e:
-        summary = Summary("Failed", "ConfigInvalid", f"{args.config}: {e}", "")
+        summary = Summary.failed("ConfigInvalid", f"{args.config}: {e}", "")
         print(summary.to_json(), flush=True)
         if termination_log is not None:
             termination_log.write_text(summary.to_json())
@@ -60,8 +61,6 @@ def _launch(args: argparse.Namespace) -> int:
     summary to the termination log; its reason says which code the run meant.
     """
     import subprocess
-
-    from kubetune_trainer.pipeline import exit_code_for
 
     trainer_args = list(args.trainer_args)
     if trainer_args[:1] == ["--"]:
@@ -86,10 +85,10 @@ def _launch(args: argparse.Namespace) -> int:
         return code
     log_path = Path(trainer_args[trainer_args.index("--termination-log") + 1])
     try:
-        reason = str(json.loads(log_path.read_text()).get("reason", ""))
-    except (OSError, ValueError):
+        summary = Summary.parse(log_path.read_text())
+    except OSError:
         return code
-    return int(exit_code_for(reason)) or code
+    return int(summary.exit_code) if summary is not None and summary.exit_code else code
 
 
 def _digest(value: str) -> str:
@@ -128,7 +127,6 @@ def _storage_settings(endpoint: str | None, region: str | None) -> S3Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from kubetune_trainer.pipeline import ExitCode
     from kubetune_trainer.serve import ServeOptions, serve
 
     base_name = args.base_model_name or args.base_model.resolve().name
@@ -161,7 +159,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _fetch(args: argparse.Namespace) -> int:
     from kubetune_trainer import storage
-    from kubetune_trainer.pipeline import ExitCode
     from kubetune_trainer.serve import DigestMismatchError, fetch
 
     try:

@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kubetune_trainer import data, evaluate, storage
-from kubetune_trainer.pipeline import ExitCode, announce
+from kubetune_trainer.contract import ExitCode
+from kubetune_trainer.pipeline import announce
 
 log = logging.getLogger(__name__)
 

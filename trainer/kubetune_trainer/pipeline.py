@@ -14,56 +14,26 @@ its gates is published as unpromotable and exits ``GATES_FAILED``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from enum import IntEnum
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from kubetune_trainer import storage
 from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.contract import (
+    EvaluationSummary,
+    ExitCode,
+    GateOutcome,
+    Summary,
+    TrainingSummary,
+    summary_from_manifest,
+)
 from kubetune_trainer.progress import ProgressReporter
 
 log = logging.getLogger(__name__)
-
-
-class ExitCode(IntEnum):
-    """The trainer's exit codes; the operator's podFailurePolicy keys on them."""
-
-    OK = 0
-    FAILED = 1  # unexpected error: the Job retries within its backoffLimit
-    USAGE = 2  # wrong command line (argparse)
-    BAD_INPUT = 10  # invalid data, config or method for this hardware: never retried
-    GATES_FAILED = 11  # trained and published, but the eval gates failed: not retried
-    OUT_OF_MEMORY = 12  # GPU out of memory: the same settings fail again, not retried
-    STORAGE_UNAVAILABLE = 75  # EX_TEMPFAIL: the store is unreachable, retried
-
-
-BAD_INPUT_REASONS = (
-    "ConfigInvalid",
-    "DataInvalid",
-    "DataNotFound",
-    "BaseModelNotFound",
-    "BaseModelDigestMismatch",
-    "MethodUnavailable",
-    "ArtifactConflict",
-)
-
-
-def exit_code_for(reason: str) -> ExitCode:
-    """The exit code that goes with a summary's reason (``launch`` restores it after torchrun)."""
-    if reason == "Succeeded":
-        return ExitCode.OK
-    if reason in BAD_INPUT_REASONS:
-        return ExitCode.BAD_INPUT
-    return {
-        "EvalGateFailed": ExitCode.GATES_FAILED,
-        "OutOfMemory": ExitCode.OUT_OF_MEMORY,
-        "StorageUnavailable": ExitCode.STORAGE_UNAVAILABLE,
-    }.get(reason, ExitCode.FAILED)
 
 
 class RunError(Exception):
@@ -76,57 +46,8 @@ class RunError(Exception):
         self.message = message
 
 
-@dataclass
-class Summary:
-    """The one-line JSON result: the termination message the operator reads."""
-
-    phase: str
-    reason: str
-    message: str
-    run_id: str
-    adapter: dict[str, Any] = field(default_factory=dict)
-    evaluation: dict[str, Any] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=dict)
-    training: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self, limit: int = 4096) -> str:
-        """Compact JSON within the termination-message limit (the message is cut first)."""
-        data = asdict(self)
-        text = json.dumps(data, separators=(",", ":"), sort_keys=True)
-        while len(text.encode()) > limit and len(data["message"]) > 20:
-            data["message"] = data["message"][: len(data["message"]) // 2] + "..."
-            text = json.dumps(data, separators=(",", ":"), sort_keys=True)
-        if len(text.encode()) > limit:
-            data = {k: data[k] for k in ("phase", "reason", "message", "run_id")}
-            text = json.dumps(data, separators=(",", ":"), sort_keys=True)
-        return text
-
-
 def _settings(cfg: TrainerConfig) -> storage.S3Settings:
     return storage.S3Settings(endpoint=cfg.storage.endpoint, region=cfg.storage.region, attempts=cfg.storage.attempts)
-
-
-def _summary_from_manifest(cfg: TrainerConfig, manifest: dict[str, Any]) -> Summary:
-    evaluation = manifest.get("evaluation", {})
-    passed = bool(manifest.get("promotable"))
-    artifact = manifest["artifact"]
-    return Summary(
-        phase="Succeeded" if passed else "Failed",
-        reason="Succeeded" if passed else "EvalGateFailed",
-        message=evaluation.get("summary", ""),
-        run_id=cfg.run_id,
-        adapter={
-            "uri": artifact["uri"],
-            "digest": artifact["digest"],
-            "sizeBytes": artifact["sizeBytes"],
-            "trainableParams": manifest["parameters"]["trainable"],
-            "manifestUri": storage.join(cfg.output_uri, "manifest.json"),
-            "promotable": passed,
-        },
-        evaluation=evaluation,
-        data=manifest.get("data", {}).get("summary", {}),
-        training=manifest.get("training", {}),
-    )
 
 
 def prepare(
@@ -194,13 +115,29 @@ def _encode_all(tokenizer: Any, examples: Sequence[Any], max_len: int) -> list[A
     return [e for e in encoded if any(t != -100 for t in e.labels)]
 
 
+@dataclass
+class _Trained:
+    """What training left for evaluation and publishing."""
+
+    model: Any
+    tokenizer: Any
+    runtime: Any
+    model_dir: Path
+    model_digest: str
+    curated: Any
+    data_info: dict[str, Any]
+    training: TrainingSummary
+    trainable: int
+    total: int
+
+
 def run(cfg: TrainerConfig, *, progress_bar: bool | None = None) -> Summary | None:
     """Execute the whole run and return its summary; raises RunError for classified failures.
 
     Under torchrun every rank trains its share; rank 0 alone reports, evaluates
     and publishes, and the other ranks return None once training is done.
     """
-    from kubetune_trainer import data, evaluate, modeling, publish, train
+    from kubetune_trainer import train
 
     world = train.init_world()
     if world.size > 1:  # ranks on one node must not share download and checkpoint folders
@@ -212,14 +149,26 @@ def run(cfg: TrainerConfig, *, progress_bar: bool | None = None) -> Summary | No
         interval=cfg.progress_interval_seconds,
         bar=progress_bar if world.main else False,
     )
+    manifest_uri = storage.join(cfg.output_uri, "manifest.json")
+    from kubetune_trainer import publish
+
     done = publish.published_manifest(cfg, settings)
     if done is not None:
         log.info("run %s already published; reporting its result", cfg.run_id)
-        return _summary_from_manifest(cfg, done) if world.main else None
+        return summary_from_manifest(done, manifest_uri, cfg.run_id) if world.main else None
+    trained = _train(cfg, settings, progress, world)
+    if trained is None:
+        return None
+    evaluation = _evaluate(cfg, settings, progress, trained)
+    manifest = _publish(cfg, settings, progress, trained, evaluation)
+    return summary_from_manifest(manifest, manifest_uri, cfg.run_id)
 
+
+def _fetch_base_model(cfg: TrainerConfig, settings: storage.S3Settings, progress: ProgressReporter) -> tuple[Path, str]:
+    """The base model's local folder and its digest (checked against ``baseModel.digest``)."""
+    progress.stage("prepare", "fetching the base model")
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    progress.stage("prepare", "fetching the base model")
     try:
         model_dir = storage.fetch_dir(
             cfg.base_model.uri, work / "base-model", settings, revision=cfg.base_model.revision
@@ -233,6 +182,14 @@ def run(cfg: TrainerConfig, *, progress_bar: bool | None = None) -> Summary | No
             "BaseModelDigestMismatch",
             f"baseModel.digest is {cfg.base_model.digest} but the files at {cfg.base_model.uri} hash to {model_digest}",
         )
+    return model_dir, model_digest
+
+
+def _train(cfg: TrainerConfig, settings: storage.S3Settings, progress: ProgressReporter, world: Any) -> _Trained | None:
+    """Fetch the base model and data, curate, train (resuming). None on ranks other than 0."""
+    from kubetune_trainer import data, modeling, train
+
+    model_dir, model_digest = _fetch_base_model(cfg, settings, progress)
     tokenizer = modeling.load_tokenizer(model_dir)
     try:
         curated, data_info = prepare(cfg, tokenizer, progress, write_report=world.main)
@@ -260,33 +217,44 @@ def run(cfg: TrainerConfig, *, progress_bar: bool | None = None) -> Summary | No
     )
     if not world.main:
         return None
-    training = {
-        "steps": result.steps,
-        "epochs": result.epochs,
-        "finalLoss": result.final_loss,
-        "finalEvalLoss": result.final_eval_loss,
-        "tokensPerSecond": round(result.tokens_per_second, 1),
-        "seconds": round(result.train_seconds, 1),
-        "resumedFromStep": result.resumed_from_step,
-        "precision": runtime.precision,
-        "device": runtime.device.type,
-        "worldSize": world.size,
-    }
+    training = TrainingSummary(
+        steps=result.steps,
+        epochs=result.epochs,
+        final_loss=result.final_loss,
+        final_eval_loss=result.final_eval_loss,
+        tokens_per_second=round(result.tokens_per_second, 1),
+        seconds=round(result.train_seconds, 1),
+        resumed_from_step=result.resumed_from_step,
+        precision=runtime.precision,
+        device=runtime.device.type,
+        world_size=world.size,
+    )
+    return _Trained(model, tokenizer, runtime, model_dir, model_digest, curated, data_info, training, trainable, total)
+
+
+def _evaluate(
+    cfg: TrainerConfig, settings: storage.S3Settings, progress: ProgressReporter, trained: _Trained
+) -> tuple[EvaluationSummary, bool]:
+    """Score the fine-tune and its baselines, write eval/report.{json,md}; (summary, gates passed)."""
+    from kubetune_trainer import evaluate, modeling
 
     progress.stage("evaluate", "scoring the fine-tune and its baselines")
     general = evaluate.general_text_sample()
     if cfg.evaluation.general_text:
-        general = storage.fetch_file(cfg.evaluation.general_text, work / "general.txt", settings).read_text("utf-8")
-    separate_base = modeling.load_base_model(model_dir, cfg.method, runtime) if cfg.method.type == "Full" else None
+        local = Path(cfg.work_dir) / "general.txt"
+        general = storage.fetch_file(cfg.evaluation.general_text, local, settings).read_text("utf-8")
+    separate_base = (
+        modeling.load_base_model(trained.model_dir, cfg.method, trained.runtime) if cfg.method.type == "Full" else None
+    )
     report = evaluate.run_evaluation(
-        model,
+        trained.model,
         separate_base,
-        tokenizer,
-        curated.eval,
-        curated.train,
+        trained.tokenizer,
+        trained.curated.eval,
+        trained.curated.train,
         cfg.evaluation,
-        runtime,
-        max_seq_length=max_len,
+        trained.runtime,
+        max_seq_length=cfg.training.max_seq_length,
         seed=cfg.training.seed,
         general_text=general,
         on_candidate=lambda name: progress.stage("evaluate", f"scoring {name}"),
@@ -305,40 +273,53 @@ def run(cfg: TrainerConfig, *, progress_bar: bool | None = None) -> Summary | No
         if name in report.candidates:
             lines.append(f"{name} {report.candidates[name].metrics.get(headline, float('nan')):.4f}")
     failed = [f"{g.metric} {g.rule}: {g.message}" for g in report.gates if not g.passed]
-    evaluation = {
-        "passed": report.passed,
-        "headline": headline,
-        "score": tuned.get(headline),
-        "metrics": tuned,
-        "baselines": {k: v.metrics for k, v in report.candidates.items() if k != "fine_tuned"},
-        "gates": [asdict(g) for g in report.gates],
-        "reportUri": report_uri,
-        "summary": "; ".join(lines) + ("" if report.passed else " — gates failed: " + "; ".join(failed)),
-    }
+    summary = EvaluationSummary(
+        passed=report.passed,
+        headline=headline,
+        score=tuned.get(headline),
+        metrics=tuned,
+        baselines={k: v.metrics for k, v in report.candidates.items() if k != "fine_tuned"},
+        gates=[GateOutcome.model_validate(asdict(g)) for g in report.gates],
+        report_uri=report_uri,
+        summary="; ".join(lines) + ("" if report.passed else " — gates failed: " + "; ".join(failed)),
+    )
+    return summary, report.passed
 
+
+def _publish(
+    cfg: TrainerConfig,
+    settings: storage.S3Settings,
+    progress: ProgressReporter,
+    trained: _Trained,
+    evaluated: tuple[EvaluationSummary, bool],
+) -> dict[str, Any]:
+    """Save and upload the adapter and its manifest (write-once); the manifest."""
+    from kubetune_trainer import publish
+
+    evaluation, passed = evaluated
     progress.stage("publish", "uploading the adapter")
-    artifact = publish.save_artifact(model, tokenizer, cfg, work / "artifact")
+    artifact = publish.save_artifact(trained.model, trained.tokenizer, cfg, Path(cfg.work_dir) / "artifact")
     _, files = storage.digest_of_dir(artifact)
     manifest = publish.build_manifest(
         cfg,
         files=files,
-        base_model_digest=model_digest,
+        base_model_digest=trained.model_digest,
         data={
-            "summary": data_info["summary"],
-            "sources": data_info["report"].get("files", {}),
+            "summary": trained.data_info["summary"],
+            "sources": trained.data_info["report"].get("files", {}),
         },
-        training=training,
-        evaluation=evaluation,
-        parameters={"trainable": trainable, "total": total},
-        promotable=report.passed,
+        training=trained.training.model_dump(mode="json", by_alias=True, exclude_none=True),
+        evaluation=evaluation.model_dump(mode="json", by_alias=True, exclude_none=True),
+        parameters={"trainable": trained.trainable, "total": trained.total},
+        promotable=passed,
     )
     try:
         publish.publish(artifact, manifest, cfg, settings)
     except storage.WriteOnceError as e:
         raise RunError(ExitCode.BAD_INPUT, "ArtifactConflict", str(e)) from e
-    progress.stage("done", str(evaluation["summary"]))
+    progress.stage("done", evaluation.summary)
     progress.close()
-    return _summary_from_manifest(cfg, manifest)
+    return manifest
 
 
 def execute(cfg: TrainerConfig, *, termination_log: Path | None, progress_bar: bool | None = None) -> int:
@@ -354,19 +335,19 @@ def execute(cfg: TrainerConfig, *, termination_log: Path | None, progress_bar: b
         summary = result
         code = ExitCode.OK if summary.phase == "Succeeded" else ExitCode.GATES_FAILED
     except RunError as e:
-        summary, code = Summary("Failed", e.reason, e.message, cfg.run_id), e.code
+        summary, code = Summary.failed(e.reason, e.message, cfg.run_id), e.code
     except torch.cuda.OutOfMemoryError as e:
         message = f"GPU out of memory ({e}); lower training.batchSize or maxSeqLength, or enable gradientCheckpointing"
-        summary, code = Summary("Failed", "OutOfMemory", message, cfg.run_id), ExitCode.OUT_OF_MEMORY
+        summary, code = Summary.failed("OutOfMemory", message, cfg.run_id), ExitCode.OUT_OF_MEMORY
     except MethodUnavailableError as e:
-        summary, code = Summary("Failed", "MethodUnavailable", str(e), cfg.run_id), ExitCode.BAD_INPUT
+        summary, code = Summary.failed("MethodUnavailable", str(e), cfg.run_id), ExitCode.BAD_INPUT
     except MethodConfigError as e:
-        summary, code = Summary("Failed", "ConfigInvalid", str(e), cfg.run_id), ExitCode.BAD_INPUT
+        summary, code = Summary.failed("ConfigInvalid", str(e), cfg.run_id), ExitCode.BAD_INPUT
     except storage.StorageError as e:
-        summary, code = Summary("Failed", "StorageUnavailable", str(e), cfg.run_id), ExitCode.STORAGE_UNAVAILABLE
+        summary, code = Summary.failed("StorageUnavailable", str(e), cfg.run_id), ExitCode.STORAGE_UNAVAILABLE
     except Exception as e:
         log.exception("run failed")
-        summary, code = Summary("Failed", "TrainerError", f"{type(e).__name__}: {e}", cfg.run_id), ExitCode.FAILED
+        summary, code = Summary.failed("TrainerError", f"{type(e).__name__}: {e}", cfg.run_id), ExitCode.FAILED
     announce(summary.to_json(), termination_log)
     return int(code)
 

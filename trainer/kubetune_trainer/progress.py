@@ -12,40 +12,12 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from kubetune_trainer import storage
+from kubetune_trainer.contract import Progress
 
 log = logging.getLogger(__name__)
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@dataclass
-class Progress:
-    stage: str = "prepare"
-    step: int = 0
-    total_steps: int = 0
-    epoch: float = 0.0
-    loss: float | None = None
-    eval_loss: float | None = None
-    tokens_per_second: float | None = None
-    eta_seconds: float | None = None
-    resumed_from_step: int | None = None
-    checkpoint_step: int | None = None
-    checkpoint_uri: str | None = None
-    message: str = ""
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    def as_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["percent"] = int(100 * self.step / self.total_steps) if self.total_steps else 0
-        data["updated_at"] = now_iso()
-        return data
 
 
 class ProgressReporter:

@@ -19,7 +19,7 @@ from typing import Any
 
 from kubetune_trainer import storage
 from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.progress import now_iso
+from kubetune_trainer.contract import now_iso
 
 MANIFEST_KIND = "kubetune.io/adapter-manifest/v1"
 

@@ -591,7 +591,7 @@ def _in_daemon_thread(fn: Callable[[], _T]) -> asyncio.Future[_T]:
 
 async def run_server(options: ServeOptions) -> int:
     """Listen, load, serve until SIGTERM or SIGINT; the exit code (10 when a digest does not match)."""
-    from kubetune_trainer.pipeline import ExitCode
+    from kubetune_trainer.contract import ExitCode
 
     server = Server(options)
     runner = web.AppRunner(server.app, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS)
