@@ -21,11 +21,11 @@ from kubetune.api.types import (
     Digest,
     Fraction,
     FreeForm,
-    Kube,
     KubeModel,
     LocalObjectReference,
     Name,
     Quantity,
+    SchemaHints,
     StorageSpec,
     Timestamp,
 )
@@ -88,7 +88,7 @@ class RuntimeSpec(KubeModel):
         ),
     )
 
-    type: Annotated[Literal["vllm", "kubetune"], Kube(schema_default=True)] = Field(
+    type: Annotated[Literal["vllm", "kubetune"], SchemaHints(schema_default=True)] = Field(
         default="vllm",
         description=(
             "vllm (vLLM's OpenAI server with --enable-lora; production) or kubetune (the reference "
@@ -98,13 +98,13 @@ class RuntimeSpec(KubeModel):
     image: Annotated[str, Field(max_length=512, min_length=1)] | None = Field(
         default=None, description="Server image. Default: the operator's image for the runtime."
     )
-    replicas: Annotated[int, Kube(schema_default=True)] = Field(
+    replicas: Annotated[int, SchemaHints(schema_default=True)] = Field(
         default=1, ge=0, le=1000, description="Serving pods of the stable revision. Default 1."
     )
-    port: Annotated[int, Kube(schema_default=True)] = Field(
+    port: Annotated[int, SchemaHints(schema_default=True)] = Field(
         default=8000, ge=1024, le=65535, description="Port the server listens on. Default 8000."
     )
-    max_loras: Annotated[int, Kube(schema_default=True)] = Field(
+    max_loras: Annotated[int, SchemaHints(schema_default=True)] = Field(
         default=1, ge=1, le=64, description="Adapters a vLLM batch may mix. Default 1."
     )
     args: list[Annotated[str, Field(max_length=1024)]] | None = Field(
@@ -158,7 +158,7 @@ class OnlineEval(KubeModel):
     dataset: DataURI = Field(description="JSONL file of held-out examples sent to the canary.")
     metric: Metric = Field(description="The metric to compute.")
     min: Fraction = Field(description="The canary must score at least this.")
-    max_examples: Annotated[int, Kube(schema_default=True)] = Field(
+    max_examples: Annotated[int, SchemaHints(schema_default=True)] = Field(
         default=100, ge=1, le=100_000, description="Examples sent. Default 100."
     )
 
@@ -166,7 +166,7 @@ class OnlineEval(KubeModel):
 class CanarySpec(KubeModel):
     """The canary of a Canary rollout."""
 
-    replicas: Annotated[int, Kube(schema_default=True)] = Field(
+    replicas: Annotated[int, SchemaHints(schema_default=True)] = Field(
         default=1, ge=1, le=100, description="Canary pods. Default 1."
     )
 
@@ -174,7 +174,7 @@ class CanarySpec(KubeModel):
 class RolloutSpec(KubeModel):
     """How a new adapter replaces the serving one."""
 
-    strategy: Annotated[Literal["Canary", "Immediate"], Kube(schema_default=True)] = Field(
+    strategy: Annotated[Literal["Canary", "Immediate"], SchemaHints(schema_default=True)] = Field(
         default="Canary",
         description="Canary (new revision beside the stable one, promoted once ready and evaluated) or Immediate.",
     )
@@ -183,10 +183,10 @@ class RolloutSpec(KubeModel):
         default=None, max_length=32, description="Rules on top of the FineTune's own gates."
     )
     online_eval: OnlineEval | None = Field(default=None, description="Evaluate the canary through its endpoint.")
-    progress_deadline_seconds: Annotated[int, Kube(schema_default=True)] = Field(
+    progress_deadline_seconds: Annotated[int, SchemaHints(schema_default=True)] = Field(
         default=600, ge=10, le=86_400, description="Time a revision has to become ready. Default 600."
     )
-    paused: Annotated[bool, Kube(schema_default=True)] = Field(
+    paused: Annotated[bool, SchemaHints(schema_default=True)] = Field(
         default=False, description="Hold rollouts: the stable revision keeps serving, nothing new is started."
     )
 
@@ -202,7 +202,7 @@ class AdapterDeploymentSpec(KubeModel):
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec, description="The inference server.")
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="How new revisions roll out.")
     storage: StorageSpec | None = Field(default=None, description="S3-compatible store settings.")
-    revision_history_limit: Annotated[int, Kube(schema_default=True)] = Field(
+    revision_history_limit: Annotated[int, SchemaHints(schema_default=True)] = Field(
         default=10, ge=1, le=100, description="Revisions kept in status.history. Default 10."
     )
 

@@ -22,13 +22,13 @@ from kubetune.api.types import (
     Digest,
     Fraction,
     FreeForm,
-    Kube,
     KubeModel,
     LocalObjectReference,
     ModelURI,
     Name,
     OutputURI,
     Quantity,
+    SchemaHints,
     StorageSpec,
     Timestamp,
 )
@@ -75,21 +75,21 @@ class ModelSource(KubeModel):
 class Curation(KubeModel):
     """How the training data is cleaned before any GPU time is spent."""
 
-    dedup: Annotated[Literal["none", "exact", "near"], Kube(schema_default=True)] = Field(
+    dedup: Annotated[Literal["none", "exact", "near"], SchemaHints(schema_default=True)] = Field(
         default="near",
         description=(
             "Duplicate removal: none; exact (identical after normalising case and whitespace); "
             "near (exact, plus MinHash near-duplicates above nearDuplicateThreshold)."
         ),
     )
-    near_duplicate_threshold: Annotated[Fraction, Kube(schema_default=True)] = Field(
+    near_duplicate_threshold: Annotated[Fraction, SchemaHints(schema_default=True)] = Field(
         default="0.85",
         description=(
             "Jaccard similarity above which two examples are near-duplicates (character 5-grams for short "
             "texts, word 5-grams for long ones)."
         ),
     )
-    min_tokens: Annotated[int, Kube(schema_default=True)] = Field(
+    min_tokens: Annotated[int, SchemaHints(schema_default=True)] = Field(
         default=2, ge=1, le=1_000_000, description="Examples with fewer tokens than this are dropped."
     )
     max_tokens: int | None = Field(
@@ -98,7 +98,7 @@ class Curation(KubeModel):
         le=1_000_000,
         description="Examples with more tokens than this are dropped. Defaults to training.maxSeqLength.",
     )
-    remove_eval_leakage: Annotated[bool, Kube(schema_default=True)] = Field(
+    remove_eval_leakage: Annotated[bool, SchemaHints(schema_default=True)] = Field(
         default=True,
         description="Drop training examples that also appear (exactly or nearly) in the eval set.",
     )
@@ -132,17 +132,17 @@ class DatasetSpec(KubeModel):
             "train is held out (a separate, curated eval set is strongly recommended)."
         ),
     )
-    format: Annotated[Literal["auto", "chat", "instruction", "completion"], Kube(schema_default=True)] = Field(
+    format: Annotated[Literal["auto", "chat", "instruction", "completion"], SchemaHints(schema_default=True)] = Field(
         default="auto",
         description=(
             "Record format: chat ({messages: [{role, content}]}), instruction ({prompt, response} or "
             "{instruction, input, output}), completion ({text}); auto detects it from the first record."
         ),
     )
-    validation_split: Annotated[Fraction, Kube(schema_default=True)] = Field(
+    validation_split: Annotated[Fraction, SchemaHints(schema_default=True)] = Field(
         default="0.1", description="Share of train held out for validation loss when validation is absent."
     )
-    eval_split: Annotated[Fraction, Kube(schema_default=True)] = Field(
+    eval_split: Annotated[Fraction, SchemaHints(schema_default=True)] = Field(
         default="0.1", description="Share of train held out for the task eval when eval is absent."
     )
     curation: Curation = Field(default_factory=Curation, description="Cleaning applied before training.")
@@ -447,7 +447,7 @@ class RunPolicy(KubeModel):
     queue_name: Annotated[str, Field(max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")] | None = Field(
         default=None, description="Kueue LocalQueue; the Job is created suspended and Kueue admits it."
     )
-    suspend: Annotated[bool, Kube(schema_default=True)] = Field(
+    suspend: Annotated[bool, SchemaHints(schema_default=True)] = Field(
         default=False,
         description="Suspend training (pods are removed; the run resumes from its newest checkpoint).",
     )
@@ -548,6 +548,39 @@ class FineTuneSpec(KubeModel):
         return self
 
 
+class ResolvedFineTuneSpec(FineTuneSpec):
+    """A FineTune spec as the operator runs it: spec, then template defaults, then operator settings,
+    then these models' defaults — every section present, so nothing downstream writes a default again.
+
+    Never stored: the CRD is generated from :class:`FineTuneSpec`, where absent sections stay absent
+    so that a FineTuneTemplate can still fill them.
+    """
+
+    method: MethodSpec = Field(default_factory=lambda: MethodSpec(type="LoRA"), description="How weights change.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Hyperparameters.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Metrics, baselines and gates.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="GPUs, nodes and placement.")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Where artifacts are stored.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="S3-compatible store settings.")
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Queueing, suspension, retries, deadlines.")
+    image: str = Field(description="Trainer image.")
+
+    @model_validator(mode="after")
+    def _lora_defaults(self) -> ResolvedFineTuneSpec:
+        if self.method.type != "Full" and self.method.lora is None:
+            self.method = self.method.model_copy(update={"lora": LoRASpec()})
+        return self
+
+    @property
+    def lora(self) -> LoRASpec:
+        """The adapter settings (their defaults for Full, where they do not apply)."""
+        return self.method.lora or LoRASpec()
+
+    @property
+    def total_gpus(self) -> int:
+        return self.resources.gpus * self.resources.nodes
+
+
 # ----------------------------------------------------------------------------- status
 
 
@@ -597,6 +630,9 @@ class AdapterStatus(KubeModel):
     manifest_uri: str | None = Field(default=None, max_length=4096, description="manifest.json with the lineage.")
     promotable: bool | None = Field(
         default=None, description="False when the eval gates failed: kept for inspection, never deployed."
+    )
+    lora_rank: int | None = Field(
+        default=None, ge=1, description="Rank of the adapter (serving runtimes size their LoRA slots by it)."
     )
 
 
@@ -689,6 +725,7 @@ __all__ = [
     "Phase",
     "Progress",
     "PromptedBaseline",
+    "ResolvedFineTuneSpec",
     "ResourcesSpec",
     "RunPolicy",
     "TrainingSpec",

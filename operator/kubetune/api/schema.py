@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from kubetune.api.types import CEL, Kube, KubeModel
+from kubetune.api.types import CEL, KubeModel, SchemaHints
 
 Schema = dict[str, Any]
 
@@ -30,10 +30,10 @@ class _Facts:
     """Everything gathered about one node while unwrapping Annotated/Optional layers."""
 
     constraints: list[Any] = field(default_factory=list)
-    kube: list[Kube] = field(default_factory=list)
+    kube: list[SchemaHints] = field(default_factory=list)
     description: str | None = None
 
-    def merged_kube(self) -> Kube:
+    def merged_kube(self) -> SchemaHints:
         validations: tuple[CEL, ...] = ()
         flags: dict[str, Any] = {}
         for k in self.kube:
@@ -48,7 +48,7 @@ class _Facts:
                 flags["list_map_keys"] = k.list_map_keys
             if k.strip_defaults:
                 flags["strip_defaults"] = True
-        return Kube(validations=validations, **flags)
+        return SchemaHints(validations=validations, **flags)
 
 
 def _unwrap(annotation: Any, facts: _Facts) -> Any:
@@ -71,7 +71,7 @@ def _unwrap(annotation: Any, facts: _Facts) -> Any:
 
 
 def _collect(item: Any, facts: _Facts) -> None:
-    if isinstance(item, Kube):
+    if isinstance(item, SchemaHints):
         facts.kube.append(item)
     elif isinstance(item, FieldInfo):
         if item.description and facts.description is None:

@@ -21,7 +21,7 @@ from kubetune.api.finetune import (
     RunPolicy,
     TrainingSpec,
 )
-from kubetune.api.types import Conditions, FreeForm, Kube, KubeModel, StorageSpec
+from kubetune.api.types import Conditions, FreeForm, KubeModel, SchemaHints, StorageSpec
 
 _Prefix = Annotated[str, Field(min_length=1, max_length=2048)]
 
@@ -74,7 +74,7 @@ class FineTuneTemplateSpec(KubeModel):
     """Defaults and guardrails for FineTunes."""
 
     description: str | None = Field(default=None, max_length=4096, description="What the template is for.")
-    defaults: Annotated[FineTuneDefaults, Kube(strip_defaults=True)] | None = Field(
+    defaults: Annotated[FineTuneDefaults, SchemaHints(strip_defaults=True)] | None = Field(
         default=None, description="Values for fields a FineTune leaves unset."
     )
     guardrails: Guardrails | None = Field(default=None, description="Rules FineTunes must meet.")

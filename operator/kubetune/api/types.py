@@ -3,7 +3,7 @@
 The CRD schemas are generated from these pydantic models (see
 :mod:`kubetune.api.schema`), so the models carry everything the generated
 OpenAPI needs: descriptions, bounds, patterns and CEL rules. Two small marker
-classes, :class:`Kube` and :class:`CEL`, hold what pydantic has no word for.
+classes, :class:`SchemaHints` and :class:`CEL`, hold what pydantic has no word for.
 
 Following the Kubernetes API conventions, fractions are decimal *strings*
 (``"2e-4"``, ``"0.05"``), never floats, and enums are strings.
@@ -38,7 +38,7 @@ class CEL:
 
 
 @dataclass(frozen=True)
-class Kube:
+class SchemaHints:
     """Schema facts that pydantic cannot express, attached with ``Annotated``."""
 
     int_or_string: bool = False
@@ -102,7 +102,7 @@ Fraction = Annotated[
     BeforeValidator(_number_to_str),
     Field(pattern=DECIMAL_PATTERN, max_length=32),
     AfterValidator(_at_most_one),
-    Kube(validations=(CEL("double(self) <= 1.0", 'must be a decimal between 0 and 1, e.g. "0.05"'),)),
+    SchemaHints(validations=(CEL("double(self) <= 1.0", 'must be a decimal between 0 and 1, e.g. "0.05"'),)),
 ]
 """A decimal string between 0 and 1 inclusive."""
 
@@ -110,7 +110,7 @@ Quantity = Annotated[
     str,
     BeforeValidator(_number_to_str),
     Field(max_length=64, pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|Pi|Ei|M|G|T|P|E)?$"),
-    Kube(int_or_string=True),
+    SchemaHints(int_or_string=True),
 ]
 """A Kubernetes resource quantity (``"40Gi"``, ``"500m"``, ``2``)."""
 
@@ -145,10 +145,10 @@ OutputURI = Annotated[
 ]
 """Where artifacts are written. ``hf://`` is read-only, so it is not allowed here."""
 
-FreeForm = Annotated[dict[str, Any], Kube(preserve_unknown_fields=True)]
+FreeForm = Annotated[dict[str, Any], SchemaHints(preserve_unknown_fields=True)]
 """An object passed through to Kubernetes as written (e.g. a toleration)."""
 
-Timestamp = Annotated[str, Kube(format="date-time"), Field(max_length=64)]
+Timestamp = Annotated[str, SchemaHints(format="date-time"), Field(max_length=64)]
 
 
 class LocalObjectReference(KubeModel):
@@ -193,7 +193,7 @@ class Condition(KubeModel):
 Conditions = Annotated[
     list[Condition],
     Field(max_length=32),
-    Kube(list_type="map", list_map_keys=("type",)),
+    SchemaHints(list_type="map", list_map_keys=("type",)),
 ]
 
 

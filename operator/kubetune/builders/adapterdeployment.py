@@ -12,20 +12,21 @@ comes out. Two runtimes:
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kubetune.api.adapterdeployment import AdapterDeployment, DeploymentGate
-from kubetune.api.finetune import LOWER_IS_BETTER
-from kubetune.api.types import GROUP_VERSION
+from kubetune.api.finetune import LOWER_IS_BETTER, LoRASpec
+from kubetune.builders import meta
+from kubetune.builders.resolve import resolve_adapter_deployment
 from kubetune.builders.security import credentials_env, restricted_container, restricted_pod
 from kubetune.builders.settings import OperatorSettings
 
 Role = Literal["stable", "canary"]
 MODELS_MOUNT = "/models"
-ADEP_LABEL = "kubetune.io/adapterdeployment"
-ROLE_LABEL = "kubetune.io/role"
+BASE_DIR = f"{MODELS_MOUNT}/base"
+ADEP_LABEL = meta.ADEP_LABEL
+ROLE_LABEL = meta.ROLE_LABEL
 # vLLM accepts only these values for --max-lora-rank.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -39,7 +40,7 @@ class Candidate:
     fine_tune: str | None = None
     fine_tune_uid: str | None = None
     metrics: dict[str, str] = field(default_factory=dict)
-    lora_rank: int = 16
+    lora_rank: int = field(default_factory=lambda: int(LoRASpec.model_fields["rank"].default))
 
     def same_as(self, revision: dict[str, Any] | None) -> bool:
         return bool(revision) and revision.get("adapterDigest") == self.adapter_digest  # type: ignore[union-attr]
@@ -75,8 +76,7 @@ def resolve_source(adep: AdapterDeployment, finetune: dict[str, Any] | None) -> 
         return Resolution(waiting=f"FineTune {name} is {phase or 'not started'}; waiting for it to succeed")
     if adapter.get("promotable") is False:
         return Resolution(rejected="EvalGateFailed", message=f"FineTune {name}'s adapter is not promotable")
-    method = (finetune.get("spec") or {}).get("method") or {}
-    rank = int(((method.get("lora") or {}).get("rank")) or 16)
+    rank = int(adapter.get("loraRank") or LoRASpec.model_fields["rank"].default)
     metrics = {k: str(v) for k, v in ((status.get("evaluation") or {}).get("metrics") or {}).items()}
     return Resolution(
         Candidate(
@@ -133,64 +133,68 @@ def revision_record(candidate: Candidate, number: int, now: str) -> dict[str, An
     return record
 
 
-def candidate_of(revision: dict[str, Any], lora_rank: int = 16) -> Candidate:
-    return Candidate(
-        adapter_uri=revision["adapterUri"],
-        adapter_digest=revision["adapterDigest"],
-        fine_tune=revision.get("fineTune"),
-        fine_tune_uid=revision.get("fineTuneUid"),
-        metrics=dict(revision.get("metrics") or {}),
-        lora_rank=lora_rank,
-    )
-
-
 # ----------------------------------------------------------------------------- Kubernetes objects
 
 
 def deployment_name(adep_name: str, role: Role) -> str:
-    name = f"{adep_name}-{role}"
-    if len(name) <= 63:
-        return name
-    return f"{adep_name[:45]}-{hashlib.sha256(adep_name.encode()).hexdigest()[:8]}-{role}"
+    return meta.child_name(adep_name, role)
+
+
+def service_name(adep_name: str) -> str:
+    """The stable Service: the AdapterDeployment's own name when it is a valid Service name (DNS-1035)."""
+    return meta.child_name(adep_name, letter_first=True)
+
+
+def eval_job_name(adep_name: str, revision: int) -> str:
+    return meta.child_name(adep_name, f"eval-r{revision}")
+
+
+def endpoint(adep: AdapterDeployment) -> str:
+    """The in-cluster URL of the OpenAI API the stable revision serves."""
+    return f"http://{service_name(adep.metadata['name'])}.{adep.metadata['namespace']}.svc/v1"
 
 
 def labels(adep: AdapterDeployment, settings: OperatorSettings, role: Role | None = None) -> dict[str, str]:
     name = str(adep.metadata["name"])
-    out = {
-        **settings.extra_labels,
-        "app.kubernetes.io/name": "kubetune-server",
-        "app.kubernetes.io/instance": name[:63],
-        "app.kubernetes.io/component": "serving",
-        "app.kubernetes.io/managed-by": "kubetune",
-        ADEP_LABEL: name[:63],
-    }
+    out = meta.standard_labels("kubetune-server", "serving", name, settings.extra_labels, adapterdeployment=name)
     if role is not None:
         out[ROLE_LABEL] = role
     return out
 
 
+def selector(adep: AdapterDeployment, role: Role) -> dict[str, str]:
+    """The labels that pick the pods of one role."""
+    return {ADEP_LABEL: meta.label_value(str(adep.metadata["name"])), ROLE_LABEL: role}
+
+
 def owner_reference(adep: AdapterDeployment) -> dict[str, Any]:
-    return {
-        "apiVersion": GROUP_VERSION,
-        "kind": "AdapterDeployment",
-        "name": adep.metadata["name"],
-        "uid": adep.metadata["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
+    return meta.owner_reference("AdapterDeployment", adep.metadata)
+
+
+def resolved(adep: AdapterDeployment, settings: OperatorSettings) -> AdapterDeployment:
+    """``adep`` with its spec fully resolved (:func:`kubetune.builders.resolve.resolve_adapter_deployment`).
+
+    Every builder below expects a resolved AdapterDeployment.
+    """
+    return adep.model_copy(update={"spec": resolve_adapter_deployment(adep.spec, settings)})
+
+
+def _gpus(adep: AdapterDeployment) -> int:
+    resources = adep.spec.runtime.resources
+    assert resources is not None, "resolved() sets runtime.resources"
+    assert resources.gpus is not None, "resolved() sets runtime.resources.gpus"
+    return resources.gpus
 
 
 def _storage_env(adep: AdapterDeployment, settings: OperatorSettings) -> list[dict[str, Any]]:
     storage = adep.spec.storage
-    secret = (storage.secret_ref.name if storage and storage.secret_ref else None) or settings.default_storage_secret
-    endpoint = (storage.endpoint if storage else None) or settings.default_storage_endpoint
+    assert storage is not None, "resolved() sets spec.storage"
+    assert storage.region is not None, "resolved() sets spec.storage.region"
     env: list[dict[str, Any]] = []
-    if endpoint:
-        env.append({"name": "KUBETUNE_STORAGE_ENDPOINT", "value": endpoint})
-    env.append(
-        {"name": "AWS_REGION", "value": (storage.region if storage else None) or settings.default_storage_region}
-    )
-    env += credentials_env(secret)
+    if storage.endpoint:
+        env.append({"name": "KUBETUNE_STORAGE_ENDPOINT", "value": storage.endpoint})
+    env.append({"name": "AWS_REGION", "value": storage.region})
+    env += credentials_env(storage.secret_ref.name if storage.secret_ref else None)
     if settings.hf_endpoint:
         env.append({"name": "HF_ENDPOINT", "value": settings.hf_endpoint})
     return env
@@ -199,6 +203,93 @@ def _storage_env(adep: AdapterDeployment, settings: OperatorSettings) -> list[di
 def vllm_lora_rank(rank: int) -> int:
     """The smallest --max-lora-rank vLLM accepts that holds ``rank``."""
     return next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
+
+
+def _fetchers(adep: AdapterDeployment, candidate: Candidate, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """Init containers that fetch the base model and the adapter (digests verified) into the pod."""
+    spec = adep.spec
+    env = _storage_env(adep, settings)
+    fetch = [*settings.trainer_command, "fetch"]
+    base = [*fetch, spec.base_model.uri, BASE_DIR] + (
+        ["--digest", spec.base_model.digest] if spec.base_model.digest else []
+    )
+    adapter = [*fetch, candidate.adapter_uri, adapter_dir(adep), "--digest", candidate.adapter_digest]
+    return [
+        {
+            "name": name,
+            "image": settings.trainer_image,
+            "command": command,
+            "env": env,
+            "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}],
+            "securityContext": restricted_container(),
+        }
+        for name, command in (("fetch-base", base), ("fetch-adapter", adapter))
+    ]
+
+
+def adapter_dir(adep: AdapterDeployment) -> str:
+    return f"{MODELS_MOUNT}/adapters/{adep.spec.served_model_name}"
+
+
+def _server_command(
+    adep: AdapterDeployment, candidate: Candidate, settings: OperatorSettings
+) -> tuple[list[str], list[str], str]:
+    """The server's command, args and health path, by runtime."""
+    runtime = adep.spec.runtime
+    served = adep.spec.served_model_name
+    port = str(runtime.port)
+    if runtime.type == "vllm":
+        args = [
+            "--model", BASE_DIR,
+            "--served-model-name", f"{served}-base",
+            "--host", "0.0.0.0",
+            "--port", port,
+            "--enable-lora",
+            "--lora-modules", f"{served}={adapter_dir(adep)}",
+            "--max-lora-rank", str(vllm_lora_rank(candidate.lora_rank)),
+            "--max-loras", str(runtime.max_loras),
+        ]  # fmt: skip
+        if _gpus(adep) > 1:
+            args += ["--tensor-parallel-size", str(_gpus(adep))]
+        return ["python3", "-m", "vllm.entrypoints.openai.api_server"], args + list(runtime.args or []), "/health"
+    args = [
+        "--base-model", BASE_DIR,
+        "--base-model-name", f"{served}-base",
+        "--adapter", f"{served}={adapter_dir(adep)}",
+        "--adapter-digest", f"{served}={candidate.adapter_digest}",
+        "--host", "$(POD_IP)",
+        "--port", port,
+    ]  # fmt: skip
+    return [*settings.trainer_command, "serve"], args + list(runtime.args or []), "/healthz"
+
+
+def _server(adep: AdapterDeployment, candidate: Candidate, settings: OperatorSettings) -> dict[str, Any]:
+    runtime = adep.spec.runtime
+    command, args, health = _server_command(adep, candidate, settings)
+    resources = runtime.resources
+    assert resources is not None, "resolved() sets runtime.resources"
+    assert runtime.image is not None, "resolved() sets runtime.image"
+    probe = {"httpGet": {"path": health, "port": runtime.port}, "periodSeconds": 2, "timeoutSeconds": 2}
+    return {
+        "name": "server",
+        "image": runtime.image,
+        "command": command,
+        "args": args,
+        "env": [
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "HF_HOME", "value": f"{MODELS_MOUNT}/hf"},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+        ],
+        "ports": [{"name": "http", "containerPort": runtime.port}],
+        "readinessProbe": {**probe, "failureThreshold": 3},
+        "livenessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 6},
+        "startupProbe": {**probe, "failureThreshold": 150},
+        "resources": meta.resources(
+            cpu=resources.cpu, memory=resources.memory, gpus=_gpus(adep), gpu_resource_name=settings.gpu_resource_name
+        ),
+        "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}, {"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": restricted_container(),
+    }
 
 
 def build_deployment(
@@ -213,95 +304,8 @@ def build_deployment(
     spec = adep.spec
     runtime = spec.runtime
     name = adep.metadata["name"]
-    served = spec.served_model_name
-    port = runtime.port
-    adapter_dir = f"{MODELS_MOUNT}/adapters/{served}"
-    base_dir = f"{MODELS_MOUNT}/base"
-    env = _storage_env(adep, settings)
-    fetch = [*settings.trainer_command, "fetch"]
-    init = [
-        {
-            "name": "fetch-base",
-            "image": settings.trainer_image,
-            "command": [*fetch, spec.base_model.uri, base_dir]
-            + (["--digest", spec.base_model.digest] if spec.base_model.digest else []),
-            "env": env,
-            "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}],
-            "securityContext": restricted_container(),
-        },
-        {
-            "name": "fetch-adapter",
-            "image": settings.trainer_image,
-            "command": [*fetch, candidate.adapter_uri, adapter_dir, "--digest", candidate.adapter_digest],
-            "env": env,
-            "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}],
-            "securityContext": restricted_container(),
-        },
-    ]
-    gpus = runtime.resources.gpus if runtime.resources and runtime.resources.gpus is not None else None
-    if gpus is None:
-        gpus = 1 if runtime.type == "vllm" else 0
-    if runtime.type == "vllm":
-        image = runtime.image or settings.vllm_image
-        command = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
-        args = [
-            "--model", base_dir,
-            "--served-model-name", f"{served}-base",
-            "--host", "0.0.0.0",
-            "--port", str(port),
-            "--enable-lora",
-            "--lora-modules", f"{served}={adapter_dir}",
-            "--max-lora-rank", str(vllm_lora_rank(candidate.lora_rank)),
-            "--max-loras", str(runtime.max_loras),
-        ]  # fmt: skip
-        if gpus > 1:
-            args += ["--tensor-parallel-size", str(gpus)]
-        health = "/health"
-    else:
-        image = runtime.image or settings.trainer_image
-        command = [*settings.trainer_command, "serve"]
-        args = [
-            "--base-model", base_dir,
-            "--base-model-name", f"{served}-base",
-            "--adapter", f"{served}={adapter_dir}",
-            "--adapter-digest", f"{served}={candidate.adapter_digest}",
-            "--host", "$(POD_IP)",
-            "--port", str(port),
-        ]  # fmt: skip
-        health = "/healthz"
-    args += list(runtime.args or [])
-    resources: dict[str, Any] = {}
-    requests: dict[str, Any] = {}
-    limits: dict[str, Any] = {}
-    if runtime.resources and runtime.resources.cpu:
-        requests["cpu"] = runtime.resources.cpu
-    if runtime.resources and runtime.resources.memory:
-        requests["memory"] = limits["memory"] = runtime.resources.memory
-    if gpus:
-        limits[settings.gpu_resource_name] = str(gpus)
-    if requests:
-        resources["requests"] = requests
-    if limits:
-        resources["limits"] = limits
-    probe = {"httpGet": {"path": health, "port": port}, "periodSeconds": 2, "timeoutSeconds": 2}
-    server = {
-        "name": "server",
-        "image": image,
-        "command": command,
-        "args": args,
-        "env": [
-            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-            {"name": "HF_HOME", "value": f"{MODELS_MOUNT}/hf"},
-            {"name": "PYTHONUNBUFFERED", "value": "1"},
-        ],
-        "ports": [{"name": "http", "containerPort": port}],
-        "readinessProbe": {**probe, "failureThreshold": 3},
-        "livenessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 6},
-        "startupProbe": {**probe, "failureThreshold": 150},
-        "resources": resources,
-        "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}, {"name": "tmp", "mountPath": "/tmp"}],
-        "securityContext": restricted_container(),
-    }
+    init = _fetchers(adep, candidate, settings)
+    server = _server(adep, candidate, settings)
     pod_labels = labels(adep, settings, role)
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,
@@ -333,7 +337,7 @@ def build_deployment(
         },
         "spec": {
             "replicas": replicas,
-            "selector": {"matchLabels": {ADEP_LABEL: pod_labels[ADEP_LABEL], ROLE_LABEL: role}},
+            "selector": {"matchLabels": selector(adep, role)},
             # New pods come up before old ones go: serving never drops below the desired replicas.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "progressDeadlineSeconds": spec.rollout.progress_deadline_seconds,
@@ -354,18 +358,17 @@ def build_deployment(
 
 def build_service(adep: AdapterDeployment, settings: OperatorSettings) -> dict[str, Any]:
     """The stable endpoint clients use; canary pods are not behind it."""
-    name = adep.metadata["name"]
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {
-            "name": name,
+            "name": service_name(adep.metadata["name"]),
             "namespace": adep.metadata["namespace"],
             "labels": labels(adep, settings),
             "ownerReferences": [owner_reference(adep)],
         },
         "spec": {
-            "selector": {ADEP_LABEL: labels(adep, settings)[ADEP_LABEL], ROLE_LABEL: "stable"},
+            "selector": selector(adep, "stable"),
             "ports": [{"name": "http", "port": 80, "targetPort": adep.spec.runtime.port}],
         },
     }
@@ -377,8 +380,7 @@ def build_online_eval_job(
     """A Job that scores the canary through its endpoint (``kubetune-trainer eval-endpoint``)."""
     online = adep.spec.rollout.online_eval
     assert online is not None
-    name = adep.metadata["name"]
-    job = f"{name[:40]}-eval-r{revision}"
+    job = eval_job_name(adep.metadata["name"], revision)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -7,29 +7,33 @@ Storage credentials only ever appear here as Secret *references*.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune.api.finetune import FineTune, FineTuneSpec
+from kubetune.api.finetune import FineTune, ResolvedFineTuneSpec
 from kubetune.api.template import FineTuneTemplate
-from kubetune.api.types import GROUP_VERSION
+from kubetune.builders import meta
+from kubetune.builders.resolve import resolve_finetune
 from kubetune.builders.security import credentials_env, restricted_container, restricted_pod
 from kubetune.builders.settings import OperatorSettings
-from kubetune.builders.trainer_config import build_trainer_config, resolve_spec
+from kubetune.builders.trainer_config import build_trainer_config
 from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.contract import NON_RETRYABLE
 
-# The trainer's exit codes that no retry can fix (kubetune_trainer.pipeline.ExitCode):
-# bad input, eval gates failed, out of memory. The Job fails on the first one.
-NON_RETRYABLE_EXIT_CODES = (10, 11, 12)
 TRAINER_CONTAINER = "trainer"
 CONFIG_MOUNT = "/etc/kubetune"
 SCRATCH_MOUNT = "/scratch"
 TERMINATION_LOG = "/dev/termination-log"
 RENDEZVOUS_PORT = 29500
-FINETUNE_LABEL = "kubetune.io/finetune"
-MANAGED_BY = "kubetune"
+FINETUNE_LABEL = meta.FINETUNE_LABEL
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# What the controller needs to read a run's progress.json, recorded on its Job (no template lookups later).
+OUTPUT_ANNOTATION = "kubetune.io/output"
+RUN_ID_ANNOTATION = "kubetune.io/run-id"
+STORAGE_ENDPOINT_ANNOTATION = "kubetune.io/storage-endpoint"
+STORAGE_REGION_ANNOTATION = "kubetune.io/storage-region"
+STORAGE_SECRET_ANNOTATION = "kubetune.io/storage-secret"
 
 
 class TemplateViolationError(ValueError):
@@ -40,55 +44,47 @@ class TemplateViolationError(ValueError):
 class Plan:
     """Everything the controller needs to run one FineTune, resolved and validated."""
 
-    spec: FineTuneSpec
-    image: str
-    queue: str | None
-    secret_name: str | None
-    output_root: str
+    spec: ResolvedFineTuneSpec
     config: TrainerConfig
 
+    @property
+    def output_root(self) -> str:
+        assert self.spec.output.uri is not None, "plan() refuses a FineTune without an output"
+        return self.spec.output.uri
 
-def _k8s_name(base: str, suffix: str, limit: int = 63) -> str:
-    # Job names become label values (batch.kubernetes.io/job-name): at most 63 characters.
-    name = f"{base}-{suffix}"
-    if len(name) <= limit:
-        return name
-    digest = hashlib.sha256(base.encode()).hexdigest()[:8]
-    return f"{base[: limit - len(suffix) - 10].rstrip('-.')}-{digest}-{suffix}"
+    @property
+    def queue(self) -> str | None:
+        return self.spec.run_policy.queue_name
+
+    @property
+    def secret_name(self) -> str | None:
+        ref = self.spec.storage.secret_ref
+        return ref.name if ref is not None else None
 
 
 def job_name(finetune_name: str) -> str:
-    return _k8s_name(finetune_name, "train")
+    """The training Job (and, multi-node, its headless Service): a DNS-1035 label, so both are valid.
+
+    At most 60 characters: an Indexed Job's pods are named ``<job>-<index>`` and use that as their
+    hostname, which must stay a 63-character label for indexes up to 63.
+    """
+    return meta.child_name(finetune_name, "train", limit=60, letter_first=True)
 
 
 def config_map_name(finetune_name: str) -> str:
-    return _k8s_name(finetune_name, "trainer-config", 253)
+    return meta.child_name(finetune_name, "trainer-config")
 
 
 def labels(finetune: FineTune, settings: OperatorSettings) -> dict[str, str]:
     name = str(finetune.metadata.get("name"))
-    return {
-        **settings.extra_labels,
-        "app.kubernetes.io/name": "kubetune-trainer",
-        "app.kubernetes.io/instance": name[:63],
-        "app.kubernetes.io/component": "training",
-        "app.kubernetes.io/managed-by": MANAGED_BY,
-        FINETUNE_LABEL: name[:63],
-    }
+    return meta.standard_labels("kubetune-trainer", "training", name, settings.extra_labels, finetune=name)
 
 
 def owner_reference(finetune: FineTune) -> dict[str, Any]:
-    return {
-        "apiVersion": GROUP_VERSION,
-        "kind": "FineTune",
-        "name": finetune.metadata["name"],
-        "uid": finetune.metadata["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
+    return meta.owner_reference("FineTune", finetune.metadata)
 
 
-def check_guardrails(spec: FineTuneSpec, template: FineTuneTemplate | None, image: str) -> list[str]:
+def check_guardrails(spec: ResolvedFineTuneSpec, template: FineTuneTemplate | None) -> list[str]:
     """Every guardrail the (resolved) spec breaks, each naming the rule and the field."""
     if template is None or template.spec.guardrails is None:
         return []
@@ -109,35 +105,28 @@ def check_guardrails(spec: FineTuneSpec, template: FineTuneTemplate | None, imag
         ):
             if uri is not None and not uri.startswith(tuple(g.allowed_dataset_prefixes)):
                 rule(f"spec.dataset.{field} {uri} is not under {', '.join(g.allowed_dataset_prefixes)}")
-    if g.allowed_images and not image.startswith(tuple(g.allowed_images)):
-        rule(f"spec.image {image} is not one of {', '.join(g.allowed_images)}")
-    method = spec.method.type if spec.method is not None else "LoRA"
-    if g.allowed_methods and method not in g.allowed_methods:
-        rule(f"spec.method.type {method} is not allowed (allowed: {', '.join(g.allowed_methods)})")
-    resources = spec.resources
-    gpus = resources.gpus if resources is not None else 1
-    nodes = resources.nodes if resources is not None else 1
-    if g.max_gpus is not None and gpus > g.max_gpus:
-        rule(f"spec.resources.gpus {gpus} exceeds maxGpus {g.max_gpus}")
-    if g.max_nodes is not None and nodes > g.max_nodes:
-        rule(f"spec.resources.nodes {nodes} exceeds maxNodes {g.max_nodes}")
-    epochs = spec.training.epochs if spec.training is not None else 3
-    if g.max_epochs is not None and epochs > g.max_epochs:
-        rule(f"spec.training.epochs {epochs} exceeds maxEpochs {g.max_epochs}")
-    policy = spec.run_policy
-    deadline = policy.active_deadline_seconds if policy is not None else None
+    if g.allowed_images and not spec.image.startswith(tuple(g.allowed_images)):
+        rule(f"spec.image {spec.image} is not one of {', '.join(g.allowed_images)}")
+    if g.allowed_methods and spec.method.type not in g.allowed_methods:
+        rule(f"spec.method.type {spec.method.type} is not allowed (allowed: {', '.join(g.allowed_methods)})")
+    if g.max_gpus is not None and spec.resources.gpus > g.max_gpus:
+        rule(f"spec.resources.gpus {spec.resources.gpus} exceeds maxGpus {g.max_gpus}")
+    if g.max_nodes is not None and spec.resources.nodes > g.max_nodes:
+        rule(f"spec.resources.nodes {spec.resources.nodes} exceeds maxNodes {g.max_nodes}")
+    if g.max_epochs is not None and spec.training.epochs > g.max_epochs:
+        rule(f"spec.training.epochs {spec.training.epochs} exceeds maxEpochs {g.max_epochs}")
+    deadline = spec.run_policy.active_deadline_seconds
     if g.max_active_deadline_seconds is not None and (deadline is None or deadline > g.max_active_deadline_seconds):
         rule(
             f"spec.runPolicy.activeDeadlineSeconds {deadline or 'unset'} must be at most "
             f"{g.max_active_deadline_seconds}"
         )
-    queue = policy.queue_name if policy is not None else None
+    queue = spec.run_policy.queue_name
     if g.require_queue and not queue:
         rule("spec.runPolicy.queueName is required")
     if g.allowed_queues and queue is not None and queue not in g.allowed_queues:
         rule(f"spec.runPolicy.queueName {queue} is not one of {', '.join(g.allowed_queues)}")
-    gates = spec.evaluation.gates if spec.evaluation is not None else []
-    if g.require_gates and not gates:
+    if g.require_gates and not spec.evaluation.gates:
         rule("spec.evaluation.gates must declare at least one gate")
     return broken
 
@@ -146,9 +135,8 @@ def plan(
     finetune: FineTune, raw_spec: dict[str, Any], template: FineTuneTemplate | None, settings: OperatorSettings
 ) -> Plan:
     """Resolve the FineTune against its template and the settings; raise on guardrail violations."""
-    spec = resolve_spec(raw_spec, template)
-    image = spec.image or settings.trainer_image
-    broken = check_guardrails(spec, template, image)
+    spec = resolve_finetune(raw_spec, template, settings)
+    broken = check_guardrails(spec, template)
     if broken:
         raise TemplateViolationError("; ".join(broken))
     for field, uri in (("baseModel.uri", spec.base_model.uri), ("dataset.train", spec.dataset.train)):
@@ -156,35 +144,19 @@ def plan(
             raise TemplateViolationError(
                 f"spec.{field}: file:// URIs only work with `kubetune run` on one machine; use s3://, pvc:// or hf://"
             )
-    output_root = (spec.output.uri if spec.output is not None else None) or settings.default_output_uri
-    if not output_root:
+    if not spec.output.uri:
         raise TemplateViolationError(
             "spec.output.uri is not set and the operator has no default output (set defaultOutputUri in the chart)"
         )
-    queue = (spec.run_policy.queue_name if spec.run_policy is not None else None) or settings.default_queue
-    secret = spec.storage.secret_ref.name if spec.storage is not None and spec.storage.secret_ref else None
-    run_id = str(finetune.metadata["uid"])
     config = build_trainer_config(
-        finetune,
+        finetune.metadata,
         spec,
-        run_id=run_id,
-        output_root=output_root,
-        default_storage_endpoint=settings.default_storage_endpoint,
+        run_id=str(finetune.metadata["uid"]),
+        output_root=spec.output.uri,
         work_dir=f"{SCRATCH_MOUNT}/work",
+        progress_interval_seconds=settings.progress_interval_seconds,
     )
-    config = config.model_copy(update={"progress_interval_seconds": settings.progress_interval_seconds})
-    if config.storage.region == "us-east-1" and settings.default_storage_region != "us-east-1":
-        config = config.model_copy(
-            update={"storage": config.storage.model_copy(update={"region": settings.default_storage_region})}
-        )
-    return Plan(
-        spec=spec,
-        image=image,
-        queue=queue,
-        secret_name=secret or settings.default_storage_secret,
-        output_root=output_root,
-        config=config,
-    )
+    return Plan(spec=spec, config=config)
 
 
 def build_config_map(finetune: FineTune, plan: Plan, settings: OperatorSettings) -> dict[str, Any]:
@@ -202,37 +174,10 @@ def build_config_map(finetune: FineTune, plan: Plan, settings: OperatorSettings)
     }
 
 
-def _resources(spec: FineTuneSpec, settings: OperatorSettings) -> dict[str, Any]:
-    res = spec.resources
-    requests: dict[str, Any] = {}
-    limits: dict[str, Any] = {}
-    if res is not None and res.cpu is not None:
-        requests["cpu"] = res.cpu
-    if res is not None and res.memory is not None:
-        requests["memory"] = limits["memory"] = res.memory
-    gpus = res.gpus if res is not None else 1
-    if gpus > 0:
-        limits[settings.gpu_resource_name] = str(gpus)
-    out: dict[str, Any] = {}
-    if requests:
-        out["requests"] = requests
-    if limits:
-        out["limits"] = limits
-    return out
-
-
-def build_job(finetune: FineTune, plan: Plan, settings: OperatorSettings) -> dict[str, Any]:
-    """The training Job: one pod (or an Indexed Job with torchrun for nodes > 1)."""
-    spec = plan.spec
-    name = finetune.metadata["name"]
-    namespace = finetune.metadata["namespace"]
-    job = job_name(name)
-    meta_labels = labels(finetune, settings)
-    policy = spec.run_policy
-    resources = spec.resources
-    nodes = resources.nodes if resources is not None else 1
-    gpus = resources.gpus if resources is not None else 1
-
+def _trainer_command(
+    job: str, namespace: str, spec: ResolvedFineTuneSpec, settings: OperatorSettings
+) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    """The trainer container's command, args and the env they need (torchrun for several GPUs or nodes)."""
     args = [
         "run",
         "--config",
@@ -244,6 +189,26 @@ def build_job(finetune: FineTune, plan: Plan, settings: OperatorSettings) -> dic
         "--no-progress-bar",
     ]
     command = list(settings.trainer_command)
+    nodes, gpus = spec.resources.nodes, spec.resources.gpus
+    if nodes == 1 and gpus <= 1:
+        return command, args, []
+    # torchrun, through the trainer's `launch`, which keeps the exit codes podFailurePolicy reads.
+    launch = [*command, "launch", f"--nnodes={nodes}", f"--nproc-per-node={max(gpus, 1)}"]
+    env: list[dict[str, Any]] = []
+    if nodes > 1:
+        index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+        env = [
+            {"name": "NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": index}}},
+            {"name": "MASTER_ADDR", "value": f"{job}-0.{job}.{namespace}.svc"},
+            {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        ]
+        launch += ["--node-rank=$(NODE_RANK)", "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)"]
+    return [*launch, "--", args[0]], args[1:], env
+
+
+def _trainer_container(job: str, namespace: str, plan: Plan, settings: OperatorSettings) -> dict[str, Any]:
+    spec = plan.spec
+    command, args, launch_env = _trainer_command(job, namespace, spec, settings)
     env: list[dict[str, Any]] = [
         {"name": "HF_HOME", "value": f"{SCRATCH_MOUNT}/hf"},
         {"name": "TMPDIR", "value": f"{SCRATCH_MOUNT}/tmp"},
@@ -253,32 +218,17 @@ def build_job(finetune: FineTune, plan: Plan, settings: OperatorSettings) -> dic
     ]
     if settings.hf_endpoint:
         env.append({"name": "HF_ENDPOINT", "value": settings.hf_endpoint})
-    if nodes > 1 or gpus > 1:
-        # torchrun, through the trainer's `launch`, which keeps the exit codes podFailurePolicy reads.
-        launch = [*command, "launch", f"--nnodes={nodes}", f"--nproc-per-node={max(gpus, 1)}"]
-        if nodes > 1:
-            env += [
-                {
-                    "name": "NODE_RANK",
-                    "valueFrom": {
-                        "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
-                    },
-                },
-                {"name": "MASTER_ADDR", "value": f"{job}-0.{job}.{namespace}.svc"},
-                {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
-            ]
-            launch += ["--node-rank=$(NODE_RANK)", "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)"]
-        command = [*launch, "--", args[0]]
-        args = args[1:]
-
+    res = spec.resources
     container: dict[str, Any] = {
         "name": TRAINER_CONTAINER,
-        "image": plan.image,
+        "image": spec.image,
         "imagePullPolicy": "IfNotPresent",
         "command": command,
         "args": args,
-        "env": env,
-        "resources": _resources(spec, settings),
+        "env": env + launch_env,
+        "resources": meta.resources(
+            cpu=res.cpu, memory=res.memory, gpus=res.gpus, gpu_resource_name=settings.gpu_resource_name
+        ),
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
             {"name": "scratch", "mountPath": SCRATCH_MOUNT},
@@ -288,36 +238,50 @@ def build_job(finetune: FineTune, plan: Plan, settings: OperatorSettings) -> dic
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": restricted_container(),
     }
-    if nodes > 1:
+    if res.nodes > 1:
         container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
-    pod_spec: dict[str, Any] = {
+    return container
+
+
+def _pod_spec(finetune: FineTune, job: str, plan: Plan, settings: OperatorSettings) -> dict[str, Any]:
+    name = finetune.metadata["name"]
+    res = plan.spec.resources
+    pod: dict[str, Any] = {
         "restartPolicy": "Never",  # the Job, not the kubelet, retries: podFailurePolicy needs Never
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": restricted_pod(settings.run_as_user),
-        "containers": [container],
+        "containers": [_trainer_container(job, finetune.metadata["namespace"], plan, settings)],
         "volumes": [
             {"name": "config", "configMap": {"name": config_map_name(name)}},
             {"name": "scratch", "emptyDir": {}},
             {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
         ],
     }
-    if resources is not None and resources.node_selector:
-        pod_spec["nodeSelector"] = dict(resources.node_selector)
-    if resources is not None and resources.tolerations:
-        pod_spec["tolerations"] = list(resources.tolerations)
-    if resources is not None and resources.priority_class_name:
-        pod_spec["priorityClassName"] = resources.priority_class_name
-    if nodes > 1:
-        pod_spec["subdomain"] = job
+    if res.node_selector:
+        pod["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        pod["tolerations"] = list(res.tolerations)
+    if res.priority_class_name:
+        pod["priorityClassName"] = res.priority_class_name
+    if res.nodes > 1:
+        pod["subdomain"] = job
+    return pod
 
+
+def build_job(finetune: FineTune, plan: Plan, settings: OperatorSettings) -> dict[str, Any]:
+    """The training Job: one pod (or an Indexed Job with torchrun for nodes > 1)."""
+    spec = plan.spec
+    job = job_name(finetune.metadata["name"])
+    meta_labels = labels(finetune, settings)
+    policy = spec.run_policy
     job_labels = dict(meta_labels)
-    suspended = bool(policy is not None and policy.suspend)
+    suspended = policy.suspend
     if plan.queue:
-        job_labels["kueue.x-k8s.io/queue-name"] = plan.queue
+        job_labels[QUEUE_LABEL] = plan.queue
         suspended = True  # Kueue admits the Job by unsuspending it
     job_spec: dict[str, Any] = {
-        "backoffLimit": policy.backoff_limit if policy is not None else 3,
+        "backoffLimit": policy.backoff_limit,
         "suspend": suspended,
         "podFailurePolicy": {
             "rules": [
@@ -326,32 +290,56 @@ def build_job(finetune: FineTune, plan: Plan, settings: OperatorSettings) -> dic
                     "onExitCodes": {
                         "containerName": TRAINER_CONTAINER,
                         "operator": "In",
-                        "values": list(NON_RETRYABLE_EXIT_CODES),
+                        "values": [int(code) for code in NON_RETRYABLE],
                     },
                 },
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]
         },
-        "template": {"metadata": {"labels": meta_labels}, "spec": pod_spec},
+        "template": {"metadata": {"labels": meta_labels}, "spec": _pod_spec(finetune, job, plan, settings)},
     }
-    if nodes > 1:
+    if spec.resources.nodes > 1:
+        nodes = spec.resources.nodes
         job_spec.update(completionMode="Indexed", completions=nodes, parallelism=nodes)
-    if policy is not None and policy.active_deadline_seconds is not None:
+    if policy.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
-    if policy is not None and policy.ttl_seconds_after_finished is not None:
+    if policy.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
             "name": job,
-            "namespace": namespace,
+            "namespace": finetune.metadata["namespace"],
             "labels": job_labels,
-            "annotations": {"kubetune.io/run-id": plan.config.run_id, "kubetune.io/output": plan.config.output_uri},
+            "annotations": _job_annotations(plan),
             "ownerReferences": [owner_reference(finetune)],
         },
         "spec": job_spec,
     }
+
+
+def _job_annotations(plan: Plan) -> dict[str, str]:
+    stor = plan.spec.storage
+    notes = {
+        RUN_ID_ANNOTATION: plan.config.run_id,
+        OUTPUT_ANNOTATION: plan.config.output_uri,
+        STORAGE_ENDPOINT_ANNOTATION: stor.endpoint,
+        STORAGE_REGION_ANNOTATION: stor.region,
+        STORAGE_SECRET_ANNOTATION: plan.secret_name,
+    }
+    return {k: v for k, v in notes.items() if v}
+
+
+def job_gpus(job: dict[str, Any], gpu_resource_name: str) -> int:
+    """GPUs a training Job's pods hold together, read from the Job itself."""
+    spec = job.get("spec") or {}
+    pod = (spec.get("template") or {}).get("spec") or {}
+    per_pod = sum(
+        int(((c.get("resources") or {}).get("limits") or {}).get(gpu_resource_name) or 0)
+        for c in pod.get("containers") or []
+    )
+    return per_pod * int(spec.get("parallelism") or 1)
 
 
 def build_headless_service(finetune: FineTune, settings: OperatorSettings) -> dict[str, Any]:

@@ -10,8 +10,11 @@ Succeeded). ``lastTransitionTime`` changes only when a status changes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from kubetune_trainer.contract import AdapterSummary, DataSummary, EvaluationSummary, Progress, Summary
 
 ACTIVE_PHASES = ("Pending", "Queued", "Preparing", "Training", "Evaluating", "Suspended")
 TERMINAL_PHASES = ("Succeeded", "Failed")
@@ -55,37 +58,42 @@ class Observation:
     """What the controller saw of one run."""
 
     job: dict[str, Any] | None
-    summary: dict[str, Any] | None = None  # the trainer's termination message, when a pod ended
+    summary: Summary | None = None  # the trainer's termination message, when a pod ended
     container_reason: str | None = None  # e.g. OOMKilled, when the container gave one
-    progress: dict[str, Any] | None = None  # progress.json
+    progress: Progress | None = None  # progress.json
     suspended_by_user: bool = False
     queue: str | None = None
 
 
-def _decimal(value: Any) -> str | None:
+def _decimal(value: float | int | str | None) -> str | None:
     if value is None:
         return None
     if isinstance(value, float):
-        return None if math.isnan(value) else f"{value:.4f}".rstrip("0").rstrip(".")
+        return None if math.isnan(value) or math.isinf(value) else f"{value:.4f}".rstrip("0").rstrip(".")
     return str(value)
 
 
-def progress_status(progress: dict[str, Any]) -> dict[str, Any]:
+def _present(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def progress_status(progress: Progress) -> dict[str, Any]:
     """progress.json → status.progress (decimals as strings, per the API conventions)."""
-    out: dict[str, Any] = {
-        "stage": progress.get("stage"),
-        "step": progress.get("step"),
-        "totalSteps": progress.get("total_steps"),
-        "percent": progress.get("percent"),
-        "epoch": _decimal(progress.get("epoch")),
-        "loss": _decimal(progress.get("loss")),
-        "evalLoss": _decimal(progress.get("eval_loss")),
-        "tokensPerSecond": None if progress.get("tokens_per_second") is None else int(progress["tokens_per_second"]),
-        "etaSeconds": None if progress.get("eta_seconds") is None else int(progress["eta_seconds"]),
-        "resumedFromStep": progress.get("resumed_from_step"),
-        "updatedAt": progress.get("updated_at"),
-    }
-    return {k: v for k, v in out.items() if v is not None}
+    return _present(
+        {
+            "stage": progress.stage,
+            "step": progress.step,
+            "totalSteps": progress.total_steps,
+            "percent": progress.percent,
+            "epoch": _decimal(progress.epoch),
+            "loss": _decimal(progress.loss),
+            "evalLoss": _decimal(progress.eval_loss),
+            "tokensPerSecond": None if progress.tokens_per_second is None else int(progress.tokens_per_second),
+            "etaSeconds": None if progress.eta_seconds is None else int(progress.eta_seconds),
+            "resumedFromStep": progress.resumed_from_step,
+            "updatedAt": progress.updated_at,
+        }
+    )
 
 
 def _job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
@@ -101,61 +109,120 @@ def attempts(job: dict[str, Any]) -> int:
     return int(s.get("failed") or 0) + int(s.get("active") or 0) + int(s.get("succeeded") or 0)
 
 
-def adapter_status(summary: dict[str, Any]) -> dict[str, Any]:
-    a = summary.get("adapter") or {}
-    out = {
-        "uri": a.get("uri"),
-        "digest": a.get("digest"),
-        "sizeBytes": a.get("sizeBytes"),
-        "trainableParams": a.get("trainableParams"),
-        "manifestUri": a.get("manifestUri"),
-        "promotable": a.get("promotable"),
-    }
-    return {k: v for k, v in out.items() if v is not None}
+def adapter_status(adapter: AdapterSummary) -> dict[str, Any]:
+    return adapter.model_dump(by_alias=True, exclude_none=True)
 
 
-def evaluation_status(summary: dict[str, Any]) -> dict[str, Any]:
-    e = summary.get("evaluation") or {}
-    if not e:
-        return {}
-    gates = []
-    for g in e.get("gates") or []:
-        gates.append(
+def evaluation_status(e: EvaluationSummary) -> dict[str, Any]:
+    gates = [
+        _present(
             {
-                k: v
-                for k, v in {
-                    "metric": g.get("metric"),
-                    "rule": g.get("rule"),
-                    "value": _decimal(g.get("value")),
-                    "threshold": _decimal(g.get("threshold")),
-                    "passed": bool(g.get("passed")),
-                    "message": (g.get("message") or "")[:1024],
-                }.items()
-                if v is not None
+                "metric": g.metric,
+                "rule": g.rule,
+                "value": _decimal(g.value),
+                "threshold": _decimal(g.threshold),
+                "passed": g.passed,
+                "message": g.message[:1024],
             }
         )
-    out = {
-        "score": _decimal(e.get("score")),
-        "metrics": {k: _decimal(v) for k, v in (e.get("metrics") or {}).items()},
-        "baselines": {b: {k: _decimal(v) for k, v in m.items()} for b, m in (e.get("baselines") or {}).items()},
-        "gates": gates,
-        "passed": e.get("passed"),
-        "reportUri": e.get("reportUri"),
-    }
-    return {k: v for k, v in out.items() if v is not None}
+        for g in e.gates
+    ]
+    return _present(
+        {
+            "score": _decimal(e.score),
+            "metrics": {k: v for k, v in ((k, _decimal(v)) for k, v in e.metrics.items()) if v is not None},
+            "baselines": {
+                b: {k: v for k, v in ((k, _decimal(v)) for k, v in m.items()) if v is not None}
+                for b, m in e.baselines.items()
+            },
+            "gates": gates,
+            "passed": e.passed,
+            "reportUri": e.report_uri,
+        }
+    )
 
 
-def data_status(summary: dict[str, Any]) -> dict[str, Any]:
-    d = summary.get("data") or {}
-    out = {
-        "trainExamples": d.get("train"),
-        "validationExamples": d.get("validation"),
-        "evalExamples": d.get("eval"),
-        "dropped": d.get("dropped"),
-        "digest": d.get("digest"),
-        "reportUri": d.get("reportUri"),
-    }
-    return {k: v for k, v in out.items() if v is not None}
+def data_status(d: DataSummary) -> dict[str, Any]:
+    return _present(
+        {
+            "trainExamples": d.train,
+            "validationExamples": d.validation,
+            "evalExamples": d.eval,
+            "dropped": d.dropped or None,
+            "digest": d.digest,
+            "reportUri": d.report_uri,
+        }
+    )
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    phase: str
+    reason: str
+    message: str
+
+
+def _verdict(status: dict[str, Any], seen: Observation) -> _Verdict:
+    """The phase the observation puts the run in, with a reason and a message."""
+    job = seen.job
+    summary = seen.summary
+    complete = job is not None and _job_condition(job, "Complete") is not None
+    failed = _job_condition(job, "Failed") if job is not None else None
+    if complete and summary is not None and summary.phase == "Succeeded":
+        return _Verdict("Succeeded", "Succeeded", summary.message or "fine-tune published")
+    if complete or failed:
+        reason = summary.reason if summary is not None else ""
+        if not reason or reason == "Succeeded":
+            reason = _CONTAINER_REASONS.get(seen.container_reason or "", "")
+        if not reason and failed:
+            reason = _JOB_REASONS.get(str(failed.get("reason")), "TrainerFailed")
+        fallback = "the trainer exited without its JSON summary (see the pod's log)"
+        message = (summary.message if summary is not None else "") or (failed or {}).get("message") or fallback
+        return _Verdict("Failed", reason or "TrainerFailed", str(message))
+    if job is not None and (job.get("spec") or {}).get("suspend"):
+        if seen.suspended_by_user:
+            return _Verdict("Suspended", "Suspended", "runPolicy.suspend is true; resumes from the newest checkpoint")
+        return _Verdict("Queued", "WaitingForAdmission", f"waiting for Kueue to admit the Job (queue {seen.queue})")
+    if job is not None and int((job.get("status") or {}).get("active") or 0) > 0:
+        stage = seen.progress.stage if seen.progress is not None else None
+        phase = STAGE_PHASE.get(str(stage), "Preparing")
+        message = (seen.progress.message if seen.progress is not None else "") or phase.lower()
+        return _Verdict(phase, "Running", message)
+    if status.get("phase") in ("Preparing", "Training", "Evaluating"):
+        # Between a pod's end and the Job's verdict (or a retry's pod): no step back to Pending.
+        return _Verdict(str(status["phase"]), "Running", str(status.get("message") or ""))
+    return _Verdict("Pending", "JobCreated", "waiting for the training pod to start")
+
+
+def _mirror(new: dict[str, Any], seen: Observation, cond: Callable[..., None]) -> None:
+    """Copy what the Job, progress.json and the summary say into ``new`` (and their conditions)."""
+    job, summary, progress = seen.job, seen.summary, seen.progress
+    if progress is not None:
+        new["progress"] = progress_status(progress)
+        if progress.checkpoint_step:
+            new["checkpoint"] = _present({"uri": progress.checkpoint_uri, "step": progress.checkpoint_step})
+    if job is not None:
+        new["jobName"] = job["metadata"]["name"]
+        new["attempts"] = attempts(job)
+        start = (job.get("status") or {}).get("startTime")
+        if start:
+            new["startTime"] = start
+    if summary is None:
+        return
+    if summary.data is not None and summary.data.train is not None:
+        new["data"] = data_status(summary.data)
+        cond("DataReady", True, "DataCurated", f"{summary.data.train} training examples after curation")
+    if summary.evaluation is not None:
+        new["evaluation"] = evaluation_status(summary.evaluation)
+        cond("Trained", True, "TrainingComplete", "")
+        cond("Evaluated", True, "Evaluated", summary.message[:1024])
+        passed = summary.evaluation.passed
+        cond("GatesPassed", passed, "GatesPassed" if passed else "EvalGateFailed", summary.message)
+    if summary.adapter is not None and summary.adapter.uri:
+        new["adapter"] = adapter_status(summary.adapter)
+    resumed = summary.training.resumed_from_step if summary.training is not None else None
+    if resumed:
+        new["progress"] = {**(new.get("progress") or {}), "resumedFromStep": resumed}
 
 
 def observe(status: dict[str, Any], seen: Observation, *, generation: int | None, now: str) -> dict[str, Any]:
@@ -168,74 +235,9 @@ def observe(status: dict[str, Any], seen: Observation, *, generation: int | None
         nonlocal conditions
         conditions = set_condition(conditions, type_, value, reason, message, generation=generation, now=now)
 
-    job = seen.job
-    if seen.progress:
-        new["progress"] = progress_status(seen.progress)
-        step = seen.progress.get("checkpoint_step")
-        if step:
-            new["checkpoint"] = {"uri": seen.progress.get("checkpoint_uri"), "step": step}
-    if job is not None:
-        new["jobName"] = job["metadata"]["name"]
-        new["attempts"] = attempts(job)
-        start = (job.get("status") or {}).get("startTime")
-        if start:
-            new["startTime"] = start
-
-    complete = job is not None and _job_condition(job, "Complete") is not None
-    failed = job is not None and _job_condition(job, "Failed")
-    summary = seen.summary or {}
-
-    if summary.get("data"):
-        new["data"] = data_status(summary)
-        cond("DataReady", True, "DataCurated", f"{summary['data'].get('train')} training examples after curation")
-    if summary.get("evaluation"):
-        new["evaluation"] = evaluation_status(summary)
-        cond("Trained", True, "TrainingComplete", "")
-        cond("Evaluated", True, "Evaluated", str(summary.get("message", ""))[:1024])
-        passed = bool(summary["evaluation"].get("passed"))
-        cond("GatesPassed", passed, "GatesPassed" if passed else "EvalGateFailed", str(summary.get("message", "")))
-    if summary.get("adapter"):
-        new["adapter"] = adapter_status(summary)
-    resumed = (summary.get("training") or {}).get("resumedFromStep")
-    if resumed:
-        new["progress"] = {**(new.get("progress") or {}), "resumedFromStep": resumed}
-
-    if complete and summary.get("phase") == "Succeeded":
-        phase, reason, message = "Succeeded", "Succeeded", str(summary.get("message") or "fine-tune published")
-    elif complete or failed:
-        reason = str(summary.get("reason") or "")
-        if not reason or reason == "Succeeded":
-            reason = _CONTAINER_REASONS.get(seen.container_reason or "", "")
-        if not reason and failed:
-            reason = _JOB_REASONS.get(str(failed.get("reason")), "TrainerFailed")
-        if not reason:  # completed, yet no summary: the trainer did not say what it did
-            reason = "TrainerFailed"
-        fallback = "the trainer exited without its JSON summary (see the pod's log)"
-        message = str(summary.get("message") or (failed.get("message") if failed else "") or fallback)
-        phase = "Failed"
-    elif job is not None and (job.get("spec") or {}).get("suspend"):
-        if seen.suspended_by_user:
-            phase, reason, message = (
-                "Suspended",
-                "Suspended",
-                "runPolicy.suspend is true; resumes from the newest checkpoint",
-            )
-        else:
-            phase, reason, message = (
-                "Queued",
-                "WaitingForAdmission",
-                f"waiting for Kueue to admit the Job (queue {seen.queue})",
-            )
-    elif job is not None and int((job.get("status") or {}).get("active") or 0) > 0:
-        stage = (seen.progress or {}).get("stage")
-        phase = STAGE_PHASE.get(str(stage), "Preparing")
-        reason, message = "Running", str((seen.progress or {}).get("message") or f"{phase.lower()}")
-    elif status.get("phase") in ("Preparing", "Training", "Evaluating"):
-        # Between a pod's end and the Job's verdict (or a retry's pod): no step back to Pending.
-        phase, reason, message = str(status["phase"]), "Running", str(status.get("message") or "")
-    else:
-        phase, reason, message = "Pending", "JobCreated", "waiting for the training pod to start"
-
+    _mirror(new, seen, cond)
+    verdict = _verdict(status, seen)
+    phase, reason, message = verdict.phase, verdict.reason, verdict.message
     new["phase"] = phase
     new["message"] = message[:4096]
     if seen.queue:
@@ -255,15 +257,14 @@ def observe(status: dict[str, Any], seen: Observation, *, generation: int | None
             cond("Trained", False, reason, message)
         new.setdefault("completionTime", now)
         if "adapter" in new:
-            new["adapter"]["promotable"] = False
+            new["adapter"] = {**new["adapter"], "promotable": False}
     else:
         cond("Ready", False, phase, message)
         cond("Reconciling", True, phase, message)
         cond("Stalled", False, phase, "")
-        if phase == "Training":
+        if phase in ("Training", "Evaluating"):
             cond("DataReady", True, "DataCurated", "")
         if phase == "Evaluating":
-            cond("DataReady", True, "DataCurated", "")
             cond("Trained", True, "TrainingComplete", "")
     new["conditions"] = conditions
     return {k: v for k, v in new.items() if v is not None}
