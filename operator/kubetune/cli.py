@@ -16,7 +16,9 @@ from pydantic import ValidationError
 
 from kubetune.api import FineTune, FineTuneTemplate
 from kubetune.api.crds import render_crds
-from kubetune.builders.trainer_config import build_trainer_config, resolve_spec
+from kubetune.builders.resolve import resolve_finetune
+from kubetune.builders.settings import OperatorSettings
+from kubetune.builders.trainer_config import build_trainer_config
 
 # Spec fields that hold URIs; relative file:// URIs in them resolve against the current folder.
 _URI_FIELDS = (
@@ -129,19 +131,21 @@ def _run(args: argparse.Namespace) -> int:
         except ValidationError as e:
             print(f"invalid FineTuneTemplate {ref}:\n{format_validation_error(e)}", file=sys.stderr)
             return 2
-    spec = resolve_spec(absolute_file_uris(doc["spec"], Path.cwd()), template)
+    # On a laptop the "operator settings" are these: artifacts under ./.kubetune/runs unless the manifest says.
+    local = OperatorSettings(default_output_uri="file://" + str(Path.cwd() / ".kubetune" / "runs"))
+    spec = resolve_finetune(absolute_file_uris(doc["spec"], Path.cwd()), template, local)
     run_id = args.run_id or time.strftime("local-%Y%m%d-%H%M%S")
-    output = args.output or (spec.output.uri if spec.output and spec.output.uri else None)
-    output = output or "file://" + str(Path.cwd() / ".kubetune" / "runs")
+    output = str(args.output or spec.output.uri)
     if output.startswith("file://") and not output.startswith("file:///"):
         output = "file://" + str((Path.cwd() / output.removeprefix("file://")).resolve())
     work_dir = Path(args.work_dir or Path.cwd() / ".kubetune" / "work" / run_id)
     config = build_trainer_config(
-        finetune.model_copy(update={"metadata": {"namespace": "local", **finetune.metadata}}),
+        {"namespace": "local", **finetune.metadata},
         spec,
         run_id=run_id,
         output_root=output,
         work_dir=str(work_dir),
+        progress_interval_seconds=local.progress_interval_seconds,
     )
     work_dir.mkdir(parents=True, exist_ok=True)
     config_path = work_dir / "config.json"
@@ -165,7 +169,6 @@ def _load_manifests_templates(path: Path) -> dict[str, dict[str, Any]]:
 def _operator(args: argparse.Namespace) -> int:
     import logging
 
-    from kubetune.builders.settings import OperatorSettings
     from kubetune.controllers import operator
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

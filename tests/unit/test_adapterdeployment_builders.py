@@ -26,7 +26,7 @@ def adep(**spec: Any) -> AdapterDeployment:
     doc["metadata"].update(namespace="team-a", uid="4d2c0000-0000-4000-8000-000000000002", generation=1)
     for key, value in spec.items():
         doc["spec"][key] = value
-    return AdapterDeployment.model_validate(doc)
+    return build.resolved(AdapterDeployment.model_validate(doc), SETTINGS)
 
 
 def finetune(phase: str, *, promotable: bool = True, rank: int = 16, reason: str = "Succeeded") -> dict[str, Any]:
@@ -37,7 +37,7 @@ def finetune(phase: str, *, promotable: bool = True, rank: int = 16, reason: str
             "phase": phase,
             "message": "m",
             "conditions": [{"type": "Ready", "status": "False", "reason": reason}],
-            "adapter": {"uri": "s3://adapters/a/", "digest": DIGEST, "promotable": promotable},
+            "adapter": {"uri": "s3://adapters/a/", "digest": DIGEST, "promotable": promotable, "loraRank": rank},
             "evaluation": {"metrics": {"exact_match": "0.91"}},
         },
     }

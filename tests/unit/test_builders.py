@@ -13,6 +13,7 @@ from kubetune.api import FineTune, FineTuneTemplate
 from kubetune.builders import finetune as build
 from kubetune.builders import status as st
 from kubetune.builders.settings import OperatorSettings
+from kubetune_trainer.contract import Progress, Summary
 from tests.conftest import ROOT
 
 SETTINGS = OperatorSettings(
@@ -369,7 +370,7 @@ def test_running_phases_follow_the_trainer_stage() -> None:
     for stage, phase in (("prepare", "Preparing"), ("train", "Training"), ("evaluate", "Evaluating")):
         new = st.observe(
             {},
-            st.Observation(job=job(active=1), progress={"stage": stage, "step": 3, "total_steps": 10}),
+            st.Observation(job=job(active=1), progress=Progress(stage=stage, step=3, total_steps=10)),
             generation=2,
             now=NOW,
         )
@@ -394,7 +395,9 @@ def test_progress_is_mirrored_with_decimal_strings() -> None:
         "checkpoint_step": 16,
         "checkpoint_uri": "s3://a/r/checkpoints/step-00000016",
     }
-    new = st.observe({}, st.Observation(job=job(active=1), progress=progress), generation=1, now=NOW)
+    new = st.observe(
+        {}, st.Observation(job=job(active=1), progress=Progress.model_validate(progress)), generation=1, now=NOW
+    )
     assert new["progress"] == {
         "stage": "train",
         "step": 30,
@@ -421,7 +424,9 @@ def test_queued_and_suspended() -> None:
 def test_success_records_adapter_evaluation_data_and_conditions() -> None:
     new = st.observe(
         {},
-        st.Observation(job=job(succeeded=1, failed=1, Complete="Completed"), summary=SUMMARY_OK),
+        st.Observation(
+            job=job(succeeded=1, failed=1, Complete="Completed"), summary=Summary.model_validate(SUMMARY_OK)
+        ),
         generation=1,
         now=NOW,
     )
@@ -457,14 +462,14 @@ def test_success_records_adapter_evaluation_data_and_conditions() -> None:
         (
             st.Observation(
                 job=job(failed=1, Failed="PodFailurePolicy"),
-                summary={"phase": "Failed", "reason": "DataInvalid", "message": "train.jsonl:4: not JSON"},
+                summary=Summary.failed("DataInvalid", "train.jsonl:4: not JSON", "r"),
             ),
             "DataInvalid",
         ),
         (
             st.Observation(
                 job=job(failed=1, Failed="PodFailurePolicy"),
-                summary={**SUMMARY_OK, "phase": "Failed", "reason": "EvalGateFailed"},
+                summary=Summary.model_validate({**SUMMARY_OK, "phase": "Failed", "reason": "EvalGateFailed"}),
             ),
             "EvalGateFailed",
         ),
@@ -474,7 +479,7 @@ def test_success_records_adapter_evaluation_data_and_conditions() -> None:
         (
             st.Observation(
                 job=job(failed=4, Failed="BackoffLimitExceeded"),
-                summary={"phase": "Failed", "reason": "StorageUnavailable", "message": "s3 down"},
+                summary=Summary.failed("StorageUnavailable", "s3 down", "r"),
             ),
             "StorageUnavailable",
         ),
@@ -499,7 +504,7 @@ def test_a_job_that_completes_without_a_summary_fails_with_a_reason() -> None:
 
 
 def test_no_step_back_to_pending_between_pods() -> None:
-    running = st.observe({}, st.Observation(job=job(active=1), progress={"stage": "train"}), generation=1, now=NOW)
+    running = st.observe({}, st.Observation(job=job(active=1), progress=Progress(stage="train")), generation=1, now=NOW)
     gap = st.observe(running, st.Observation(job=job(failed=1)), generation=1, now=NOW)
     assert gap["phase"] == "Training"
 

@@ -30,7 +30,7 @@ RELEASE_NAMESPACE = "ops"
 REQUIRED: dict[tuple[str, str], set[str]] = {
     ("kubetune.io", "finetunes"): {"get", "list", "watch", "patch"},
     ("kubetune.io", "finetunes/status"): {"patch"},
-    ("kubetune.io", "adapterdeployments"): {"list", "watch", "patch"},
+    ("kubetune.io", "adapterdeployments"): {"list", "watch"},
     ("kubetune.io", "adapterdeployments/status"): {"patch"},
     ("kubetune.io", "finetunetemplates"): {"get"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch"},
@@ -39,7 +39,7 @@ REQUIRED: dict[tuple[str, str], set[str]] = {
     ("", "pods"): {"list"},
     ("", "secrets"): {"get"},
     ("", "events"): {"create"},
-    ("apps", "deployments"): {"get", "create", "patch", "delete"},
+    ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
 }
 CLUSTER_SCOPED = {("kubetune.io", "finetunetemplates")}
 LEASE_VERBS = {"get", "create", "update"}

@@ -61,9 +61,9 @@ app.kubernetes.io/component: operator
 {{/*
 The operator's API access, in one place so the cluster-wide ClusterRole and the
 per-namespace Roles cannot drift apart. The operator needs exactly:
-  kubetune.io  finetunes                  get list watch patch
+  kubetune.io  finetunes                  get list watch patch   (patch: the finalizer of retention Delete)
   kubetune.io  finetunes/status           patch
-  kubetune.io  adapterdeployments         list watch patch
+  kubetune.io  adapterdeployments         list watch   (never patched outside status: no kopf state)
   kubetune.io  adapterdeployments/status  patch
   kubetune.io  finetunetemplates          get   (cluster-scoped: always a ClusterRole)
   batch        jobs                       get list watch create patch   (owners' GC deletes them)
@@ -72,7 +72,7 @@ per-namespace Roles cannot drift apart. The operator needs exactly:
   ""           pods                       list
   ""           secrets                    get   (storage credentials; never list or watch)
   ""           events                     create
-  apps         deployments                get create patch delete
+  apps         deployments                get list watch create patch delete   (watched: rollouts move on readiness)
 and, only with leader election (replicaCount > 1), in the release's namespace:
   coordination.k8s.io  leases             get create update   (the replicas' Lease)
 No wildcard anywhere, and no list/watch of CRDs or namespaces: kopf's run-time
@@ -87,7 +87,7 @@ about a minute at start-up, logging 403s, before falling back.
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["kubetune.io"]
   resources: ["adapterdeployments"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["list", "watch"]
 - apiGroups: ["kubetune.io"]
   resources: ["finetunes/status", "adapterdeployments/status"]
   verbs: ["patch"]
@@ -96,7 +96,7 @@ about a minute at start-up, logging 403s, before falling back.
   verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "create"]

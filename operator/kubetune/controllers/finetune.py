@@ -1,4 +1,4 @@
-"""The FineTune controller: level-triggered kopf handlers around the pure builders.
+"""The FineTune controller: level-triggered, around the pure builders.
 
 Every FineTune event (and every event of a FineTune's Job) reconciles the
 object to where its spec says it should be:
@@ -22,11 +22,9 @@ Writes per FineTune up to its Job: ConfigMap, Job, one status patch.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -38,13 +36,15 @@ from kubetune.api.finetune import FineTune
 from kubetune.api.template import FineTuneTemplate
 from kubetune.api.types import API_GROUP, API_VERSION
 from kubetune.builders import finetune as build
+from kubetune.builders import meta
 from kubetune.builders import status as st
 from kubetune.builders.settings import OperatorSettings
 from kubetune.builders.trainer_config import run_prefix
 from kubetune.controllers import metrics
-from kubetune.controllers.kube import ForeignObjectError, Kube, StatusBook, changed_fields, now_iso, s3_settings
+from kubetune.controllers.kube import ForeignObjectError, KubeAPI, StatusBook, changed_fields, s3_settings
 from kubetune.controllers.scheduler import Scheduler
 from kubetune_trainer import storage
+from kubetune_trainer.contract import Progress, Summary, now_iso, seconds_since
 
 log = logging.getLogger("kubetune.finetune")
 FT = (API_GROUP, API_VERSION, "finetunes")
@@ -63,9 +63,9 @@ class RetryError(Exception):
         self.delay = delay
 
 
-def _summary_from_pods(pods: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str | None]:
-    """The newest trainer termination summary (JSON) and container reason among the Job's pods."""
-    best: tuple[str, dict[str, Any] | None, str | None] | None = None
+def summary_from_pods(pods: list[dict[str, Any]]) -> tuple[Summary | None, str | None]:
+    """The newest trainer termination summary and container reason among the Job's pods."""
+    best: tuple[str, Summary | None, str | None] | None = None
     for pod in pods:
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
             if cs.get("name") != build.TRAINER_CONTAINER:
@@ -73,65 +73,69 @@ def _summary_from_pods(pods: list[dict[str, Any]]) -> tuple[dict[str, Any] | Non
             term = (cs.get("state") or {}).get("terminated")
             if not term:
                 continue
-            try:
-                summary = json.loads(term.get("message") or "")
-            except json.JSONDecodeError:
-                summary = None
-            if not isinstance(summary, dict):
-                summary = None
             finished = str(term.get("finishedAt") or "")
             if best is None or finished > best[0]:
-                best = (finished, summary, term.get("reason"))
+                best = (finished, Summary.parse(term.get("message")), term.get("reason"))
     return (best[1], best[2]) if best else (None, None)
 
 
-def _hours_since(timestamp: str) -> float:
-    started = datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    return max(0.0, (datetime.now(UTC) - started).total_seconds() / 3600)
-
-
-def _snapshot(body: Any) -> dict[str, Any]:
-    """A plain copy of a FineTune as kopf handed it (kopf's bodies are live views of the latest event)."""
+def snapshot(body: Any) -> dict[str, Any]:
+    """A plain copy of an object as kopf handed it (kopf's bodies are live views of the latest event)."""
     return {
-        "apiVersion": body["apiVersion"],
-        "kind": body["kind"],
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
         "metadata": dict(body["metadata"]),
         "spec": dict(body.get("spec") or {}),
         "status": dict(body.get("status") or {}),
     }
 
 
-def _owned_job(job_index: Any, namespace: str, name: str, uid: str) -> dict[str, Any] | None:
-    for job in job_index.get((namespace, name), []):
-        if any(ref.get("uid") == uid for ref in job["metadata"].get("ownerReferences") or []):
-            found: dict[str, Any] = job
-            return found
-    return None
+def job_ended(job: dict[str, Any]) -> bool:
+    return any(
+        c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+        for c in (job.get("status") or {}).get("conditions") or []
+    )
 
 
-def register(config: OperatorSettings, registry: kopf.OperatorRegistry) -> None:
-    """Register the FineTune handlers, with ``config``, on ``registry``."""
+def job_storage(job: dict[str, Any]) -> tuple[str | None, str | None, str, str | None]:
+    """(run prefix, endpoint, region, credentials Secret) recorded on a training Job by the builder."""
+    notes = job["metadata"].get("annotations") or {}
+    return (
+        notes.get(build.OUTPUT_ANNOTATION),
+        notes.get(build.STORAGE_ENDPOINT_ANNOTATION) or None,
+        notes.get(build.STORAGE_REGION_ANNOTATION) or "us-east-1",
+        notes.get(build.STORAGE_SECRET_ANNOTATION) or None,
+    )
 
-    def kube(memo: Any) -> Kube:
-        k: Kube = memo.kube
-        return k
 
-    book = StatusBook()
-    scheduler = Scheduler()
-    # What this process knows beyond the watched objects, by FineTune uid.
-    launched: dict[str, str] = {}  # the Job this process created or adopted (its watch event may lag)
-    failures: dict[str, int] = {}  # consecutive failed reconciles, for the retry back-off
-    suspend_sent: dict[str, bool] = {}  # a suspend patch sent whose Job event has not come back yet
-    running: dict[str, tuple[Kube, dict[str, Any], dict[str, Any]]] = {}  # Jobs with active pods: progress polls
+class FineTuneController:
+    """Reconciles FineTunes to Jobs and mirrors the Jobs back into status.
+
+    State kept in this process (never in the objects): the newest status written per object
+    (:class:`StatusBook`), the Jobs created whose watch events may lag, retry counts, suspend
+    patches in flight, and the running Jobs whose progress is polled.
+    """
+
+    def __init__(self, kube: KubeAPI, settings: OperatorSettings, scheduler: Scheduler) -> None:
+        self.kube = kube
+        self.settings = settings
+        self.scheduler = scheduler
+        self.book = StatusBook()
+        self.launched: dict[str, str] = {}  # uid -> the Job this process created or adopted
+        self.failures: dict[str, int] = {}  # uid -> consecutive failed reconciles, for the back-off
+        self.suspend_sent: dict[str, bool] = {}  # uid -> a suspend patch whose Job event has not come back
+        self.running: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # uid -> (FineTune, Job) polled
+
+    # ------------------------------------------------------------------ status
 
     def update_status(
-        k: Kube, obj: dict[str, Any], compute: Callable[[dict[str, Any]], dict[str, Any] | None]
+        self, obj: dict[str, Any], compute: Callable[[dict[str, Any]], dict[str, Any] | None]
     ) -> dict[str, Any]:
         """Compute the next status from the newest known one, under the object's lock; patch what changed."""
-        meta = obj["metadata"]
-        uid = meta["uid"]
-        with book.lock(uid):
-            old = book.latest(uid, obj.get("status") or {})
+        meta_ = obj["metadata"]
+        uid = meta_["uid"]
+        with self.book.lock(uid):
+            old = self.book.latest(uid, obj.get("status") or {})
             if old.get("phase") in st.TERMINAL_PHASES:
                 return old
             new = compute(old)
@@ -140,323 +144,288 @@ def register(config: OperatorSettings, registry: kopf.OperatorRegistry) -> None:
             delta = changed_fields(old, new)
             if not delta:
                 return old
-            k.patch_status(PLURAL, meta["namespace"], meta["name"], delta)
-            book.record(uid, new)
+            self.kube.patch_status(PLURAL, meta_["namespace"], meta_["name"], delta)
+            self.book.record(uid, new)
         if new.get("phase") != old.get("phase"):
-            metrics.finetune_phase(meta["namespace"], meta["name"], new.get("phase"))
-            log.info("%s/%s: %s -> %s", meta["namespace"], meta["name"], old.get("phase") or "-", new.get("phase"))
-        # Events for the transitions a person acts on; Pending and Preparing come and go within seconds.
-        if new.get("phase") != old.get("phase") and new.get("phase") not in ("Pending", "Preparing"):
-            reason = next((c["reason"] for c in new.get("conditions", []) if c["type"] == "Ready"), new.get("phase"))
-            kind = "Warning" if new.get("phase") == "Failed" else "Normal"
-            k.event(obj, kind, str(reason), f"{new.get('phase')}: {new.get('message', '')}")
-            if new.get("phase") == "Failed":
-                metrics.FAILURES.labels(reason=str(reason)).inc()
+            self.phase_changed(obj, old, new)
         return new
 
-    def storage_for(k: Kube, namespace: str, spec: dict[str, Any]) -> storage.S3Settings:
-        stor = spec.get("storage") or {}
-        secret_name = (stor.get("secretRef") or {}).get("name") or config.default_storage_secret
-        secret = k.secret_data(namespace, secret_name) if secret_name else None
-        return s3_settings(
-            secret,
-            stor.get("endpoint") or config.default_storage_endpoint,
-            stor.get("region") or config.default_storage_region,
+    def phase_changed(self, obj: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> None:
+        """Metrics, a log line and (for what a person acts on) an Event."""
+        meta_ = obj["metadata"]
+        phase = new.get("phase")
+        metrics.finetune_phase(meta_["namespace"], meta_["name"], phase)
+        log.info("%s/%s: %s -> %s", meta_["namespace"], meta_["name"], old.get("phase") or "-", phase)
+        if phase in ("Pending", "Preparing"):
+            return  # they come and go within seconds
+        reason = next((c["reason"] for c in new.get("conditions", []) if c["type"] == "Ready"), phase)
+        self.kube.event(
+            obj, "Warning" if phase == "Failed" else "Normal", str(reason), f"{phase}: {new.get('message', '')}"
         )
+        if phase == "Failed":
+            metrics.FAILURES.labels(reason=str(reason)).inc()
 
-    def queue_of(spec: dict[str, Any]) -> str | None:
-        return ((spec.get("runPolicy") or {}).get("queueName")) or config.default_queue
-
-    def user_suspended(spec: dict[str, Any]) -> bool:
-        return bool((spec.get("runPolicy") or {}).get("suspend"))
-
-    def observe(k: Kube, obj: dict[str, Any], job: dict[str, Any], **seen: Any) -> dict[str, Any]:
+    def observe(self, obj: dict[str, Any], job: dict[str, Any], **seen: Any) -> dict[str, Any]:
         """Update status from what was seen of the FineTune's Job (and its pods' summary, or progress.json)."""
-        seen_all = st.Observation(
-            job=job, suspended_by_user=user_suspended(obj["spec"]), queue=queue_of(obj["spec"]), **seen
+        labels = job["metadata"].get("labels") or {}
+        observation = st.Observation(
+            job=job,
+            suspended_by_user=bool((obj["spec"].get("runPolicy") or {}).get("suspend")),
+            queue=labels.get(build.QUEUE_LABEL),
+            **seen,
         )
         generation = obj["metadata"].get("generation")
-        return update_status(k, obj, lambda cur: st.observe(cur, seen_all, generation=generation, now=now_iso()))
-
-    # ------------------------------------------------------------------ indexes (no API reads to look things up)
-
-    @kopf.index(*FT, id="finetune_index", registry=registry)
-    def finetune_index(
-        *, namespace: str | None, name: str, body: kopf.Body, **_: Any
-    ) -> dict[tuple[str | None, str], dict[str, Any]]:
-        return {(namespace, name): _snapshot(body)}
-
-    @kopf.index("batch", "v1", "jobs", labels={build.FINETUNE_LABEL: kopf.PRESENT}, id="job_index", registry=registry)
-    def job_index(
-        *, namespace: str | None, name: str, body: kopf.Body, **_: Any
-    ) -> dict[tuple[str | None, str], dict[str, Any]]:
-        return {
-            (namespace, name): {
-                "metadata": dict(body["metadata"]),
-                "spec": dict(body["spec"]),
-                "status": dict(body.get("status") or {}),
-            }
-        }
-
-    @kopf.on.startup(registry=registry)
-    def start_scheduler(**_: Any) -> None:
-        scheduler.start()
-
-    @kopf.on.cleanup(registry=registry)
-    def stop_scheduler(**_: Any) -> None:
-        scheduler.stop()
+        return self.update_status(obj, lambda cur: st.observe(cur, observation, generation=generation, now=now_iso()))
 
     # ------------------------------------------------------------------ reconcile
 
-    def reconcile(k: Kube, obj: dict[str, Any], job: dict[str, Any] | None) -> None:
+    def reconcile(self, obj: dict[str, Any], job: dict[str, Any] | None) -> None:
         """Bring one FineTune to its spec. ``job``: its Job as last seen by the watch (None: none seen)."""
-        meta = obj["metadata"]
-        uid = meta["uid"]
-        name = build.job_name(meta["name"])
-        with book.lock(uid):  # one reconcile of an object at a time: kopf's events and the scheduler's retries
-            current = book.latest(uid, obj.get("status") or {})
+        uid = obj["metadata"]["uid"]
+        name = build.job_name(obj["metadata"]["name"])
+        with self.book.lock(uid):  # one reconcile of an object at a time: kopf's events and the retries
+            current = self.book.latest(uid, obj.get("status") or {})
             if current.get("phase") in st.TERMINAL_PHASES:
                 return
-            if job is None and launched.get(uid) == name:
+            if job is None and self.launched.get(uid) == name:
                 return  # this process created it; its watch event is on the way
             if job is None or not st.launched(current, name):
                 # No Job, or one whose creation never reached status (an operator stopped in between): adopt it.
-                job = launch(k, obj)
+                job = self.launch(obj)
                 if job is None:
                     return
-            launched[uid] = name
-            sync_suspend(k, obj, job)
+            self.launched[uid] = name
+            self.sync_suspend(obj, job)
 
-    def reconcile_safely(k: Kube, obj: dict[str, Any], job: dict[str, Any] | None) -> None:
+    def reconcile_safely(self, obj: dict[str, Any], job: dict[str, Any] | None) -> None:
         """Reconcile; on a failure, schedule another try (kopf does not retry event handlers)."""
-        meta = obj["metadata"]
-        uid = meta["uid"]
+        meta_ = obj["metadata"]
+        uid = meta_["uid"]
         try:
-            reconcile(k, obj, job)
+            self.reconcile(obj, job)
         except RetryError as e:
-            log.info("%s/%s: %s; trying again in %gs", meta["namespace"], meta["name"], e, e.delay)
+            log.info("%s/%s: %s; trying again in %gs", meta_["namespace"], meta_["name"], e, e.delay)
             delay = e.delay
         except Exception as e:  # API errors, an unreachable API server: back off, up to a minute
-            failures[uid] = failures.get(uid, 0) + 1
-            delay = min(MAX_RETRY_DELAY_S, 2.0 ** failures[uid])
-            log.warning(
-                "%s/%s: reconcile failed (%s: %s); retrying in %gs",
-                meta["namespace"],
-                meta["name"],
-                type(e).__name__,
-                getattr(e, "reason", None) or e,
-                delay,
-            )
+            self.failures[uid] = self.failures.get(uid, 0) + 1
+            delay = min(MAX_RETRY_DELAY_S, 2.0 ** self.failures[uid])
+            why = getattr(e, "reason", None) or e
+            log.warning("%s/%s: reconcile failed (%s: %s); retrying in %gs", meta_["namespace"], meta_["name"],
+                        type(e).__name__, why, delay)  # fmt: skip
         else:
-            failures.pop(uid, None)
-            scheduler.cancel(("retry", uid))
+            self.failures.pop(uid, None)
+            self.scheduler.cancel(("retry", uid))
             return
-        scheduler.call_later(("retry", uid), delay, partial(reconcile_safely, k, obj, None))
+        self.scheduler.call_later(("retry", uid), delay, partial(self.reconcile_safely, obj, None))
 
-    def launch(k: Kube, obj: dict[str, Any]) -> dict[str, Any] | None:
-        """Validate, then create (or adopt) the ConfigMap and Job; the Job, or None when the FineTune failed."""
-        started = time.monotonic()
-        meta, spec = obj["metadata"], obj["spec"]
-        namespace, generation = meta["namespace"], meta.get("generation")
+    def stop(self, obj: dict[str, Any], reason: str, message: str, *, terminal: bool) -> None:
+        """Record why the FineTune cannot start: Failed (``terminal``) or Pending with the reason."""
+        generation = obj["metadata"].get("generation")
+        self.update_status(
+            obj,
+            lambda cur: st.failed_status(cur, reason, message, generation=generation, now=now_iso(), terminal=terminal),
+        )
 
-        def stop(reason: str, message: str, *, terminal: bool) -> None:
-            update_status(
-                k,
-                obj,
-                lambda cur: st.failed_status(
-                    cur, reason, message, generation=generation, now=now_iso(), terminal=terminal
-                ),
-            )
-
+    def plan(self, obj: dict[str, Any]) -> build.Plan | None:
+        """The FineTune resolved against its template and the settings; None when it failed for good."""
         try:
-            finetune = FineTune.model_validate({"metadata": meta, "spec": spec})
+            finetune = FineTune.model_validate({"metadata": obj["metadata"], "spec": obj["spec"]})
         except ValidationError as e:
-            stop("SpecInvalid", str(e), terminal=True)
+            self.stop(obj, "SpecInvalid", str(e), terminal=True)
             return None
         template = None
         if finetune.spec.template_ref is not None:
             ref = finetune.spec.template_ref.name
-            raw = k.get_custom("finetunetemplates", None, ref)
+            raw = self.kube.get_custom("finetunetemplates", None, ref)
             if raw is None:
-                stop("TemplateNotFound", f"FineTuneTemplate {ref} does not exist (spec.templateRef)", terminal=False)
+                self.stop(obj, "TemplateNotFound", f"FineTuneTemplate {ref} does not exist (spec.templateRef)",
+                          terminal=False)  # fmt: skip
                 raise RetryError(f"template {ref} not found", 10)
             template = FineTuneTemplate.model_validate(raw)
         try:
-            plan = build.plan(finetune, spec, template, config)
+            return build.plan(finetune, obj["spec"], template, self.settings)
         except build.TemplateViolationError as e:
-            stop("TemplateViolation", str(e), terminal=True)
-            return None
+            self.stop(obj, "TemplateViolation", str(e), terminal=True)
         except ValidationError as e:
-            stop("SpecInvalid", f"after applying the template: {e}", terminal=True)
+            self.stop(obj, "SpecInvalid", f"after applying the template: {e}", terminal=True)
+        return None
+
+    def check_credentials(self, obj: dict[str, Any], plan: build.Plan) -> None:
+        """Wait (Pending, with the reason) until the credentials Secret exists with both keys."""
+        if not plan.secret_name:
+            return
+        data = self.kube.secret_data(obj["metadata"]["namespace"], plan.secret_name)
+        missing = [key for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if data is None or key not in data]
+        if missing:
+            what = "does not exist" if data is None else f"lacks {', '.join(missing)}"
+            message = f"Secret {plan.secret_name} (spec.storage.secretRef) {what}; the run starts once it does"
+            self.stop(obj, "StorageCredentialsMissing", message, terminal=False)
+            raise RetryError(f"secret {plan.secret_name} {what}", 5)
+
+    def launch(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """Validate, then create (or adopt) the ConfigMap and Job; the Job, or None when the FineTune failed."""
+        started = time.monotonic()
+        plan = self.plan(obj)
+        if plan is None:
             return None
-        if plan.secret_name:
-            data = k.secret_data(namespace, plan.secret_name)
-            missing = [key for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if data is None or key not in data]
-            if missing:
-                what = "does not exist" if data is None else f"lacks {', '.join(missing)}"
-                stop(
-                    "StorageCredentialsMissing",
-                    f"Secret {plan.secret_name} (spec.storage.secretRef) {what}; the run starts once it does",
-                    terminal=False,
-                )
-                raise RetryError(f"secret {plan.secret_name} {what}", 5)
+        self.check_credentials(obj, plan)
+        finetune = FineTune.model_validate({"metadata": obj["metadata"], "spec": obj["spec"]})
+        uid = obj["metadata"]["uid"]
         try:
-            k.create_or_adopt(build.build_config_map(finetune, plan, config), meta["uid"])
-            if (plan.spec.resources.nodes if plan.spec.resources else 1) > 1:
-                k.create_or_adopt(build.build_headless_service(finetune, config), meta["uid"])
-            job, created = k.create_or_adopt(build.build_job(finetune, plan, config), meta["uid"])
+            self.kube.create_or_adopt(build.build_config_map(finetune, plan, self.settings), uid)
+            if plan.spec.resources.nodes > 1:
+                self.kube.create_or_adopt(build.build_headless_service(finetune, self.settings), uid)
+            job, created = self.kube.create_or_adopt(build.build_job(finetune, plan, self.settings), uid)
         except ForeignObjectError as e:
             raise RetryError(f"{e}; waiting for it to go away", 5) from e
         if created:
-            log.info("%s/%s: created Job %s", namespace, meta["name"], job["metadata"]["name"])
+            log.info("%s/%s: created Job %s", obj["metadata"]["namespace"], obj["metadata"]["name"],
+                     job["metadata"]["name"])  # fmt: skip
             metrics.JOB_LAUNCHES.inc()
-            resources = plan.spec.resources
-            metrics.GPUS_REQUESTED.inc((resources.gpus if resources else 1) * (resources.nodes if resources else 1))
-        suspended = bool(plan.spec.run_policy and plan.spec.run_policy.suspend)
+            metrics.GPUS_REQUESTED.inc(plan.spec.total_gpus)
+        generation = obj["metadata"].get("generation")
 
         def launched_status(cur: dict[str, Any]) -> dict[str, Any]:
             new = st.validated(cur, job["metadata"]["name"], plan.config.run_id, generation=generation, now=now_iso())
             if cur.get("phase") in (None, "Pending"):
-                seen = st.Observation(job=job, suspended_by_user=suspended, queue=plan.queue)
+                seen = st.Observation(job=job, suspended_by_user=plan.spec.run_policy.suspend, queue=plan.queue)
                 new = st.observe(new, seen, generation=generation, now=now_iso())
             return new
 
-        update_status(k, obj, launched_status)
+        self.update_status(obj, launched_status)
         metrics.RECONCILE_SECONDS.labels(kind="FineTune").observe(time.monotonic() - started)
         return job
 
-    def sync_suspend(k: Kube, obj: dict[str, Any], job: dict[str, Any]) -> None:
+    def sync_suspend(self, obj: dict[str, Any], job: dict[str, Any]) -> None:
         """Make the Job's ``suspend`` follow ``spec.runPolicy.suspend``.
 
         With a queue, resuming means handing the Job back to Kueue: the operator
         suspends a queued Job but never unsuspends it (Kueue admits it).
         """
         uid = obj["metadata"]["uid"]
-        wanted = user_suspended(obj["spec"])
+        wanted = bool((obj["spec"].get("runPolicy") or {}).get("suspend"))
         actual = bool(job["spec"].get("suspend"))
-        if wanted == actual or (actual and queue_of(obj["spec"])):
-            suspend_sent.pop(uid, None)
+        queued = build.QUEUE_LABEL in (job["metadata"].get("labels") or {})
+        if wanted == actual or (actual and queued):
+            self.suspend_sent.pop(uid, None)
             return
-        if suspend_sent.get(uid) == wanted:
+        if self.suspend_sent.get(uid) == wanted:
             return  # sent already; the Job's event has not come back yet
-        try:
-            patch = {"spec": {"suspend": wanted}}
-            k.batch.patch_namespaced_job(job["metadata"]["name"], obj["metadata"]["namespace"], patch)
-        except ApiException as e:
-            if e.status != 404:
-                raise
-        suspend_sent[uid] = wanted
+        self.kube.patch_job(obj["metadata"]["namespace"], job["metadata"]["name"], {"spec": {"suspend": wanted}})
+        self.suspend_sent[uid] = wanted
 
-    def forget(namespace: str, name: str, uid: str) -> None:
+    def forget(self, namespace: str, name: str, uid: str) -> None:
+        """The FineTune is gone: drop what this process knew of it."""
         metrics.finetune_phase(namespace, name, None)
-        book.forget(uid)
-        for state in (launched, failures, suspend_sent, running):
+        self.book.forget(uid)
+        for state in (self.launched, self.failures, self.suspend_sent, self.running):
             state.pop(uid, None)
-        scheduler.cancel(("retry", uid))
-        scheduler.cancel(("progress", uid))
+        self.scheduler.cancel(("retry", uid))
+        self.scheduler.cancel(("progress", uid))
 
-    @kopf.on.event(*FT, id="reconcile", registry=registry)
-    def finetune_event(*, type: str, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
-        meta = body["metadata"]
-        if type == "DELETED":
-            forget(meta["namespace"], meta["name"], meta["uid"])
+    def on_finetune_event(self, event_type: str, obj: dict[str, Any], job: dict[str, Any] | None) -> None:
+        meta_ = obj["metadata"]
+        if event_type == "DELETED":
+            self.forget(meta_["namespace"], meta_["name"], meta_["uid"])
             return
-        if meta.get("deletionTimestamp"):
+        if meta_.get("deletionTimestamp"):
             return  # going away: nothing to start
-        job = _owned_job(kwargs["job_index"], meta["namespace"], build.job_name(meta["name"]), meta["uid"])
-        reconcile_safely(kube(memo), _snapshot(body), job)
+        self.reconcile_safely(obj, job)
 
     # ------------------------------------------------------------------ follow the Job
 
-    @kopf.on.event("batch", "v1", "jobs", labels={build.FINETUNE_LABEL: kopf.PRESENT}, id="job", registry=registry)
-    def follow_job(*, type: str, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
-        finetune_index: kopf.Index[Any, Any] = kwargs["finetune_index"]
-        meta = body["metadata"]
-        namespace = meta["namespace"]
-        owners = {r.get("uid") for r in meta.get("ownerReferences") or []}
-        key = (namespace, meta["labels"][build.FINETUNE_LABEL])
-        obj = next((o for o in finetune_index.get(key, []) if o["metadata"].get("uid") in owners), None)
-        if obj is None:
-            return
+    def terminal(self, obj: dict[str, Any]) -> bool:
+        return self.book.latest(obj["metadata"]["uid"], obj.get("status") or {}).get("phase") in st.TERMINAL_PHASES
+
+    def on_job_event(self, event_type: str, obj: dict[str, Any], job: dict[str, Any]) -> None:
+        """An event of a FineTune's Job (``obj``: the owning FineTune as last seen)."""
         uid = obj["metadata"]["uid"]
-        k = kube(memo)
-        terminal = book.latest(uid, obj["status"]).get("phase") in st.TERMINAL_PHASES
-        if type == "DELETED":
-            running.pop(uid, None)
-            scheduler.cancel(("progress", uid))
-            if launched.get(uid) == meta["name"]:
-                launched.pop(uid, None)
-            if not terminal:
-                scheduler.call_later(("retry", uid), RELAUNCH_DELAY_S, partial(relaunch, k, obj))
+        if event_type == "DELETED":
+            self.stop_polling(uid)
+            if self.launched.get(uid) == job["metadata"]["name"]:
+                self.launched.pop(uid, None)
+            if not self.terminal(obj):
+                self.scheduler.call_later(("retry", uid), RELAUNCH_DELAY_S, partial(self.relaunch, obj))
             return
-        if terminal:
-            return
-        job = {"metadata": dict(meta), "spec": dict(body["spec"]), "status": dict(body.get("status") or {})}
-        ended = any(
-            c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
-            for c in job["status"].get("conditions") or []
-        )
+        if not self.terminal(obj):
+            self.follow_job(obj, job)
+
+    def follow_job(self, obj: dict[str, Any], job: dict[str, Any]) -> None:
+        """Mirror the Job into status; when it ends, read the trainer's summary; poll progress while it runs."""
+        uid = obj["metadata"]["uid"]
+        ended = job_ended(job)
         summary, reason = None, None
         if ended:
-            summary, reason = _summary_from_pods(k.job_pods(namespace, meta["name"]))
-        spec = obj["spec"]
-        new = observe(k, obj, job, summary=summary, container_reason=reason)
+            summary, reason = summary_from_pods(
+                self.kube.job_pods(obj["metadata"]["namespace"], job["metadata"]["name"])
+            )
+        new = self.observe(obj, job, summary=summary, container_reason=reason)
         if new.get("phase") in st.TERMINAL_PHASES:
-            running.pop(uid, None)
-            scheduler.cancel(("progress", uid))
+            self.stop_polling(uid)
             if ended and new.get("startTime"):
-                resources = spec.get("resources") or {}
-                gpus = int(resources.get("gpus", 1)) * int(resources.get("nodes", 1))
-                metrics.GPU_HOURS.inc(gpus * _hours_since(str(new["startTime"])))
+                gpus = build.job_gpus(job, self.settings.gpu_resource_name)
+                metrics.GPU_HOURS.inc(gpus * seconds_since(str(new["startTime"])) / 3600)
             return
         if not ended:
             try:
-                sync_suspend(k, obj, job)
+                self.sync_suspend(obj, job)
             except ApiException as e:
-                log.warning("%s/%s: could not set the Job's suspend: %s", namespace, meta["name"], e.reason)
-        if not ended and int(job["status"].get("active") or 0) and not job["spec"].get("suspend"):
-            running[uid] = (k, obj, job)
-            poll = partial(poll_progress, uid)
-            scheduler.call_later(("progress", uid), config.status_interval_seconds, poll, keep_earlier=True)
+                log.warning("%s/%s: could not set the Job's suspend: %s", obj["metadata"]["namespace"],
+                            job["metadata"]["name"], e.reason)  # fmt: skip
+        if not ended and int((job.get("status") or {}).get("active") or 0) and not job["spec"].get("suspend"):
+            self.running[uid] = (obj, job)
+            poll = partial(self.poll_progress, uid)
+            self.scheduler.call_later(("progress", uid), self.settings.status_interval_seconds, poll, keep_earlier=True)
         else:
-            running.pop(uid, None)
-            scheduler.cancel(("progress", uid))
+            self.stop_polling(uid)
 
-    def relaunch(k: Kube, obj: dict[str, Any]) -> None:
+    def stop_polling(self, uid: str) -> None:
+        self.running.pop(uid, None)
+        self.scheduler.cancel(("progress", uid))
+
+    def relaunch(self, obj: dict[str, Any]) -> None:
         """The Job of an unfinished FineTune went away: create it again, if the FineTune is still there."""
-        meta = obj["metadata"]
+        meta_ = obj["metadata"]
         try:
-            current = k.get_custom(PLURAL, meta["namespace"], meta["name"])
+            current = self.kube.get_custom(PLURAL, meta_["namespace"], meta_["name"])
         except ApiException as e:
-            log.warning("%s/%s: could not read the FineTune (%s)", meta["namespace"], meta["name"], e.reason)
-            scheduler.call_later(("retry", meta["uid"]), RELAUNCH_DELAY_S, partial(relaunch, k, obj))
+            log.warning("%s/%s: could not read the FineTune (%s)", meta_["namespace"], meta_["name"], e.reason)
+            self.scheduler.call_later(("retry", meta_["uid"]), RELAUNCH_DELAY_S, partial(self.relaunch, obj))
             return
-        if current is None or current["metadata"].get("uid") != meta["uid"]:
+        if current is None or current["metadata"].get("uid") != meta_["uid"]:
             return
         if current["metadata"].get("deletionTimestamp"):
             return
-        log.info("%s/%s: its Job is gone; creating it again", meta["namespace"], meta["name"])
-        reconcile_safely(k, _snapshot(current), None)
+        log.info("%s/%s: its Job is gone; creating it again", meta_["namespace"], meta_["name"])
+        self.reconcile_safely(snapshot(current), None)
 
     # ------------------------------------------------------------------ progress
 
-    def poll_progress(uid: str) -> None:
+    def storage_settings(
+        self, namespace: str, endpoint: str | None, region: str, secret: str | None
+    ) -> storage.S3Settings:
+        return s3_settings(self.kube.secret_data(namespace, secret) if secret else None, endpoint, region)
+
+    def poll_progress(self, uid: str) -> None:
         """Mirror ``progress.json`` of a running Job into status, then poll again after the interval."""
-        current = running.get(uid)
+        current = self.running.get(uid)
         if current is None:
             return  # the Job ended, was suspended or went away
-        k, obj, job = current
-        run = (job["metadata"].get("annotations") or {}).get("kubetune.io/output")
+        obj, job = current
+        run, endpoint, region, secret = job_storage(job)
         if run:
             namespace = obj["metadata"]["namespace"]
             try:
-                progress = storage.read_json(storage.join(run, "progress.json"), storage_for(k, namespace, obj["spec"]))
+                raw = storage.read_json(
+                    storage.join(run, "progress.json"), self.storage_settings(namespace, endpoint, region, secret)
+                )
             except storage.StorageError:
-                progress = None  # not written yet, or the store is briefly away: the next poll tries again
-            if progress:
-                observe(k, obj, job, progress=progress)
-        if uid in running:
-            scheduler.call_later(("progress", uid), config.status_interval_seconds, partial(poll_progress, uid))
+                raw = None  # not written yet, or the store is briefly away: the next poll tries again
+            if raw:
+                self.observe(obj, job, progress=Progress.model_validate(raw))
+        if uid in self.running:
+            poll = partial(self.poll_progress, uid)
+            self.scheduler.call_later(("progress", uid), self.settings.status_interval_seconds, poll)
 
     # ------------------------------------------------------------------ delete
     # The Job, ConfigMap and Service carry ownerReferences: the garbage collector removes
@@ -464,17 +433,58 @@ def register(config: OperatorSettings, registry: kopf.OperatorRegistry) -> None:
     # cannot be deleted while the operator is down) is only worth it to delete artifacts,
     # so kopf adds one only to FineTunes that ask for that.
 
-    def deletes_artifacts(*, spec: kopf.Spec, **_: Any) -> bool:
+    @staticmethod
+    def deletes_artifacts(spec: dict[str, Any]) -> bool:
         return bool((spec.get("output") or {}).get("retention") == "Delete")
 
-    @kopf.on.delete(*FT, when=deletes_artifacts, registry=registry)
-    def delete_artifacts(*, meta: kopf.Meta, spec: kopf.Spec, memo: Any, **_: Any) -> None:
-        k = kube(memo)
-        namespace, name = meta["namespace"], meta["name"]
-        root = (spec.get("output") or {}).get("uri") or config.default_output_uri
-        if not root:
-            return
-        run = run_prefix(root, namespace, name, str(meta["uid"]))
-        loc = storage.resolve(run, storage_for(k, namespace, dict(spec)))
+    def delete_artifacts(self, obj: dict[str, Any]) -> None:
+        """``output.retention: Delete``: remove the run's artifacts before the FineTune goes."""
+        meta_ = obj["metadata"]
+        namespace, name = meta_["namespace"], meta_["name"]
+        try:
+            plan = build.plan(
+                FineTune.model_validate({"metadata": meta_, "spec": obj["spec"]}), obj["spec"], None, self.settings
+            )
+        except (ValidationError, build.TemplateViolationError):
+            return  # it never ran: nothing was written
+        run = run_prefix(plan.output_root, namespace, name, str(meta_["uid"]))
+        stor = plan.spec.storage
+        settings = self.storage_settings(namespace, stor.endpoint, str(stor.region), plan.secret_name)
+        loc = storage.resolve(run, settings)
         removed = loc.store.delete_prefix(loc.key)
         log.info("deleted %d artifacts under %s (output.retention: Delete)", removed, run)
+
+
+def register(controller: FineTuneController, registry: kopf.OperatorRegistry) -> None:
+    """Bind the controller's methods to kopf: two indexes, two event handlers, one delete handler."""
+
+    @kopf.index(*FT, id="finetune_index", registry=registry)
+    def finetune_index(*, uid: str, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
+        return {uid: snapshot(body)}
+
+    @kopf.index("batch", "v1", "jobs", labels={meta.FINETUNE_LABEL: kopf.PRESENT}, id="job_index", registry=registry)
+    def job_index(*, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
+        owner = meta.owner_uid(dict(body), "FineTune")
+        return {owner: snapshot(body)} if owner else {}
+
+    @kopf.on.event(*FT, id="reconcile", registry=registry)
+    def finetune_event(*, type: str, body: kopf.Body, uid: str, **kwargs: Any) -> None:
+        job_index: kopf.Index[str, dict[str, Any]] = kwargs["job_index"]
+        name = build.job_name(body["metadata"]["name"])
+        jobs = [j for j in job_index.get(uid, []) if j["metadata"]["name"] == name]
+        controller.on_finetune_event(type, snapshot(body), jobs[0] if jobs else None)
+
+    @kopf.on.event("batch", "v1", "jobs", labels={meta.FINETUNE_LABEL: kopf.PRESENT}, id="job", registry=registry)
+    def job_event(*, type: str, body: kopf.Body, **kwargs: Any) -> None:
+        finetune_index: kopf.Index[str, dict[str, Any]] = kwargs["finetune_index"]
+        owner = meta.owner_uid(dict(body), "FineTune")
+        finetunes: list[dict[str, Any]] = list(finetune_index.get(owner, [])) if owner else []
+        if finetunes:
+            controller.on_job_event(type, next(iter(finetunes)), snapshot(body))
+
+    def deletes_artifacts(*, spec: kopf.Spec, **_: Any) -> bool:
+        return FineTuneController.deletes_artifacts(dict(spec))
+
+    @kopf.on.delete(*FT, when=deletes_artifacts, registry=registry)
+    def delete_artifacts(*, body: kopf.Body, **_: Any) -> None:
+        controller.delete_artifacts(snapshot(body))

@@ -13,32 +13,42 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from kubetune.api.types import API_GROUP, API_VERSION
+from kubetune.builders.meta import owned_by
 from kubetune_trainer import storage
 
 log = logging.getLogger("kubetune")
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class ForeignObjectError(Exception):
     """An object with our name exists but belongs to someone else (e.g. a deleted FineTune's Job)."""
 
 
-def _owned_by(obj: dict[str, Any], uid: str) -> bool:
-    return any(ref.get("uid") == uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
+class KubeAPI(Protocol):
+    """What the controllers ask of the API server; :class:`Kube` talks to a real one, tests use a fake."""
+
+    def create_or_adopt(self, manifest: dict[str, Any], owner_uid: str) -> tuple[dict[str, Any], bool]: ...
+    def get_custom(self, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None: ...
+    def patch_status(self, plural: str, namespace: str | None, name: str, status: dict[str, Any]) -> None: ...
+    def secret_data(self, namespace: str, name: str) -> dict[str, str] | None: ...
+    def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None: ...
+    def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None: ...
+    def job_pods(self, namespace: str, job: str) -> list[dict[str, Any]]: ...
+    def read_deployment(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def patch_deployment(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]: ...
+    def delete_deployment(self, namespace: str, name: str) -> None: ...
+    def read_job(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def pods(self, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]: ...
 
 
 @dataclass
 class Kube:
-    """The operator's API access, shared by the handlers."""
+    """The operator's API access, shared by the controllers (implements :class:`KubeAPI`)."""
 
     api: k8s.ApiClient
     # Credentials read from Secrets, by (namespace, name), for a short while: the
@@ -80,6 +90,17 @@ class Kube:
                 return None
             raise
 
+    def patch_deployment(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return self._to_dict(self.apps.patch_namespaced_deployment(name, namespace, patch))
+
+    def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        """Patch a Job; one that is gone already is not an error (its FineTune hears of that)."""
+        try:
+            self.batch.patch_namespaced_job(name, namespace, patch)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
     def delete_deployment(self, namespace: str, name: str) -> None:
         try:
             self.apps.delete_namespaced_deployment(name, namespace, propagation_policy="Background")
@@ -90,18 +111,6 @@ class Kube:
     def pods(self, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
         selector = ",".join(f"{k}={v}" for k, v in labels.items())
         return [self._to_dict(p) for p in self.core.list_namespaced_pod(namespace, label_selector=selector).items]
-
-    def termination_message(self, namespace: str, job: str) -> str | None:
-        """The newest termination message among a Job's pods."""
-        newest: tuple[str, str] | None = None
-        for pod in self.job_pods(namespace, job):
-            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-                term = (cs.get("state") or {}).get("terminated") or {}
-                if term.get("message"):
-                    key = str(term.get("finishedAt") or "")
-                    if newest is None or key > newest[0]:
-                        newest = (key, str(term["message"]).strip())
-        return newest[1] if newest else None
 
     def _to_dict(self, obj: Any) -> dict[str, Any]:
         data: dict[str, Any] = self.api.sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]
@@ -118,10 +127,7 @@ class Kube:
             "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
             "ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
             "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service),
-            "Deployment": (
-                k8s.AppsV1Api(self.api).create_namespaced_deployment,
-                k8s.AppsV1Api(self.api).read_namespaced_deployment,
-            ),
+            "Deployment": (self.apps.create_namespaced_deployment, self.apps.read_namespaced_deployment),
         }[kind]
         try:
             return self._to_dict(create(ns, manifest)), True
@@ -129,7 +135,7 @@ class Kube:
             if e.status != 409:
                 raise
         existing = self._to_dict(read(name, ns))
-        if not _owned_by(existing, owner_uid):
+        if not owned_by(existing, owner_uid):
             raise ForeignObjectError(f"{kind} {ns}/{name} exists and is not owned by this object")
         return existing, False
 

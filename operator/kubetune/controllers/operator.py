@@ -22,8 +22,11 @@ from prometheus_client import start_http_server
 
 from kubetune.builders.settings import OperatorSettings
 from kubetune.controllers import adapterdeployment, finetune
+from kubetune.controllers.adapterdeployment import AdapterDeploymentController
+from kubetune.controllers.finetune import FineTuneController
 from kubetune.controllers.kube import Kube
 from kubetune.controllers.leader import LeaderElection
+from kubetune.controllers.scheduler import Scheduler
 
 log = logging.getLogger("kubetune")
 
@@ -40,7 +43,8 @@ def api_client(workers: int = 8) -> k8s.ApiClient:
     return k8s.ApiClient(configuration)
 
 
-def build_registry(settings: OperatorSettings, *, workers: int) -> kopf.OperatorRegistry:
+def build_registry(operator_settings: OperatorSettings, *, workers: int) -> kopf.OperatorRegistry:
+    """kopf's registry with both controllers bound to it, sharing one API client and one scheduler."""
     registry = kopf.OperatorRegistry()
 
     # A registry of our own does not get kopf's default login handlers: log in like api_client() does.
@@ -49,7 +53,7 @@ def build_registry(settings: OperatorSettings, *, workers: int) -> kopf.Operator
         return kopf.login_via_client(**kwargs)
 
     @kopf.on.startup(registry=registry)
-    def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.finalizer = "kubetune.io/finalizer"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -67,11 +71,17 @@ def build_registry(settings: OperatorSettings, *, workers: int) -> kopf.Operator
         settings.batching.batch_window = 0.01
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
-        memo.kube = Kube(api=api_client(workers))
-        memo.kube.warm_up()
+        kube.warm_up()
+        scheduler.start()
 
-    finetune.register(settings, registry)
-    adapterdeployment.register(settings, registry)
+    @kopf.on.cleanup(registry=registry)
+    def stop(**_: Any) -> None:
+        scheduler.stop()
+
+    kube = Kube(api=api_client(workers))
+    scheduler = Scheduler()  # shared: retries, progress polls and rollout checks of both controllers
+    finetune.register(FineTuneController(kube, operator_settings, scheduler), registry)
+    adapterdeployment.register(AdapterDeploymentController(kube, operator_settings, scheduler), registry)
     return registry
 
 

@@ -1,0 +1,375 @@
+"""The FineTune controller's methods, one at a time, against an in-memory API (no API server)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune.api.finetune import FineTuneStatus
+from kubetune.builders import finetune as build
+from kubetune.builders.settings import OperatorSettings
+from kubetune.controllers.finetune import MAX_RETRY_DELAY_S, FineTuneController
+from kubetune_trainer.contract import Summary
+from tests.conftest import ROOT
+from tests.unit.fakes import FakeKube, ManualScheduler, api_error
+
+NS = "team-a"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+
+
+@pytest.fixture
+def output(tmp_path: Path) -> Path:
+    return tmp_path / "artifacts"
+
+
+@pytest.fixture
+def kube() -> FakeKube:
+    k = FakeKube()
+    k.secrets[(NS, "s3-credentials")] = dict(CREDENTIALS)
+    return k
+
+
+@pytest.fixture
+def controller(kube: FakeKube, output: Path) -> FineTuneController:
+    settings = OperatorSettings(
+        trainer_image="trainer:test",
+        default_output_uri=f"file://{output}",
+        default_storage_secret="s3-credentials",
+        status_interval_seconds=5,
+    )
+    return FineTuneController(kube, settings, ManualScheduler())
+
+
+def finetune(kube: FakeKube, name: str = "support-bot-v1", **spec: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((ROOT / "docs/examples/finetune-minimal.yaml").read_text())
+    doc["metadata"].update(name=name, namespace=NS)
+    doc["spec"].update(spec)
+    doc["status"] = {}
+    return kube.add("finetunes", doc)
+
+
+def status(kube: FakeKube, obj: dict[str, Any]) -> dict[str, Any]:
+    found = kube.get("finetunes", NS, obj["metadata"]["name"])
+    assert found is not None
+    current: dict[str, Any] = found["status"]
+    FineTuneStatus.model_validate(current)  # every status written is one the CRD keeps
+    return current
+
+
+def condition(current: dict[str, Any], type_: str) -> tuple[str, str]:
+    c = next(c for c in current["conditions"] if c["type"] == type_)
+    return c["status"], c["reason"]
+
+
+def the_job(kube: FakeKube) -> dict[str, Any]:
+    (job,) = kube.of_kind("Job")
+    return job
+
+
+def set_job(job: dict[str, Any], **status: Any) -> dict[str, Any]:
+    job["status"] = status
+    return job
+
+
+def trainer_pod(kube: FakeKube, job: dict[str, Any], summary: Summary | None, exit_code: int, reason: str = "") -> None:
+    term = {"exitCode": exit_code, "finishedAt": "2026-11-29T10:05:00Z", "reason": reason or "Completed"}
+    if summary is not None:
+        term["message"] = summary.to_json()
+    kube.add(
+        "Pod",
+        {
+            "metadata": {"name": f"{job['metadata']['name']}-x", "namespace": NS,
+                         "labels": {"batch.kubernetes.io/job-name": job["metadata"]["name"]}},
+            "status": {"containerStatuses": [{"name": "trainer", "state": {"terminated": term}}]},
+        },
+    )  # fmt: skip
+
+
+COMPLETE = [{"type": "Complete", "status": "True"}]
+FAILED = [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "exit 10"}]
+
+
+def succeeded_summary() -> Summary:
+    return Summary.model_validate(
+        {
+            "phase": "Succeeded",
+            "reason": "Succeeded",
+            "message": "exact_match 0.9; prompted 0.2",
+            "run_id": "r",
+            "adapter": {"uri": "s3://a/adapter/", "digest": "sha256:" + "a" * 64, "sizeBytes": 10,
+                        "trainableParams": 5, "promotable": True, "loraRank": 16},
+            "evaluation": {"passed": True, "score": 0.9, "metrics": {"exact_match": 0.9},
+                           "baselines": {"prompted": {"exact_match": 0.2}},
+                           "gates": [{"metric": "exact_match", "rule": "min 0.8", "value": 0.9, "threshold": 0.8,
+                                      "passed": True}]},
+            "data": {"train": 400, "validation": 40, "eval": 90, "dropped": {"duplicate": 3}},
+            "training": {"steps": 10, "resumedFromStep": 4},
+        }
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- launch
+
+
+def test_launch_writes_configmap_job_and_one_status_patch(kube: FakeKube, controller: FineTuneController) -> None:
+    obj = finetune(kube)
+    controller.reconcile_safely(obj, None)
+    assert kube.writes == [
+        ("create", "ConfigMap", "support-bot-v1-trainer-config"),
+        ("create", "Job", "support-bot-v1-train"),
+        ("patch-status", "finetunes", "support-bot-v1"),
+    ]
+    current = status(kube, obj)
+    assert current["phase"] == "Pending"
+    assert condition(current, "Validated") == ("True", "Validated")
+    assert current["jobName"] == "support-bot-v1-train"
+    assert current["runId"] == obj["metadata"]["uid"]
+
+
+def test_a_second_event_before_the_job_is_seen_creates_nothing(kube: FakeKube, controller: FineTuneController) -> None:
+    obj = finetune(kube)
+    controller.reconcile(obj, None)
+    controller.reconcile(obj, None)  # the Job's watch event has not arrived yet
+    assert len(kube.of_kind("Job")) == 1
+    assert sum(1 for w in kube.writes if w[0] == "create") == 2
+
+
+def test_a_job_left_by_a_stopped_operator_is_adopted(kube: FakeKube, controller: FineTuneController) -> None:
+    obj = finetune(kube)
+    controller.reconcile(obj, None)
+    job = the_job(kube)
+    kube.objects[("finetunes", NS, "support-bot-v1")]["status"] = {}  # the status patch never happened
+    fresh = FineTuneController(kube, controller.settings, ManualScheduler())  # a restarted operator
+    kube.writes.clear()
+    fresh.reconcile(obj | {"status": {}}, job)
+    assert len(kube.of_kind("Job")) == 1
+    assert kube.writes == [("patch-status", "finetunes", "support-bot-v1")]
+    assert status(kube, obj)["jobName"] == job["metadata"]["name"]
+
+
+def test_missing_secret_waits_then_starts(kube: FakeKube, controller: FineTuneController) -> None:
+    kube.secrets.clear()
+    obj = finetune(kube)
+    controller.reconcile_safely(obj, None)
+    current = status(kube, obj)
+    assert current["phase"] == "Pending"
+    assert condition(current, "Validated") == ("False", "StorageCredentialsMissing")
+    assert "Secret s3-credentials" in current["message"]
+    assert kube.of_kind("Job") == []
+    scheduler = controller.scheduler
+    assert isinstance(scheduler, ManualScheduler)
+    assert scheduler.delay(("retry", obj["metadata"]["uid"])) == 5
+    kube.secrets[(NS, "s3-credentials")] = dict(CREDENTIALS)
+    scheduler.run(("retry", obj["metadata"]["uid"]))
+    assert len(kube.of_kind("Job")) == 1
+    assert condition(status(kube, obj), "Validated") == ("True", "Validated")
+
+
+def test_missing_template_waits(kube: FakeKube, controller: FineTuneController) -> None:
+    obj = finetune(kube, templateRef={"name": "team-default"})
+    controller.reconcile_safely(obj, None)
+    assert condition(status(kube, obj), "Validated") == ("False", "TemplateNotFound")
+    assert isinstance(controller.scheduler, ManualScheduler)
+    assert controller.scheduler.delay(("retry", obj["metadata"]["uid"])) == 10
+
+
+def test_template_guardrail_fails_for_good(kube: FakeKube, controller: FineTuneController) -> None:
+    kube.add("finetunetemplates", {"metadata": {"name": "t"}, "spec": {"guardrails": {"maxGpus": 0}}})
+    obj = finetune(kube, templateRef={"name": "t"})
+    controller.reconcile_safely(obj, None)
+    current = status(kube, obj)
+    assert current["phase"] == "Failed"
+    assert condition(current, "Stalled") == ("True", "TemplateViolation")
+    assert "maxGpus 0" in current["message"]
+    assert kube.of_kind("Job") == []
+    assert kube.events[-1][:2] == ("Warning", "TemplateViolation")
+
+
+def test_a_foreign_job_in_the_way_is_waited_for(kube: FakeKube, controller: FineTuneController) -> None:
+    kube.add("Job", {"metadata": {"name": "support-bot-v1-train", "namespace": NS, "ownerReferences": []}})
+    obj = finetune(kube)
+    controller.reconcile_safely(obj, None)
+    assert isinstance(controller.scheduler, ManualScheduler)
+    assert controller.scheduler.delay(("retry", obj["metadata"]["uid"])) == 5
+
+
+def test_api_errors_back_off_to_a_minute(kube: FakeKube, controller: FineTuneController) -> None:
+    obj = finetune(kube)
+    scheduler = controller.scheduler
+    assert isinstance(scheduler, ManualScheduler)
+    delays = []
+    for _ in range(8):
+        kube.fail("create_or_adopt", api_error(500))
+        controller.reconcile_safely(obj, None)
+        delays.append(scheduler.delay(("retry", obj["metadata"]["uid"])))
+    assert delays == [2, 4, 8, 16, 32, MAX_RETRY_DELAY_S, MAX_RETRY_DELAY_S, MAX_RETRY_DELAY_S]
+    scheduler.run(("retry", obj["metadata"]["uid"]))
+    assert len(kube.of_kind("Job")) == 1
+    assert not scheduler.scheduled(("retry", obj["metadata"]["uid"]))
+
+
+def test_long_names_get_valid_children(kube: FakeKube, controller: FineTuneController) -> None:
+    name = "a" * 62 + "-b.c" + "d" * 5  # 71 characters, the 63rd a '-'
+    obj = finetune(kube, name=name)
+    controller.reconcile_safely(obj, None)
+    job = the_job(kube)
+    assert len(job["metadata"]["name"]) <= 60
+    for value in job["metadata"]["labels"].values():
+        assert len(value) <= 63
+        assert value[-1].isalnum()
+    assert status(kube, obj)["jobName"] == job["metadata"]["name"]
+
+
+# ----------------------------------------------------------------------------- following the Job
+
+
+def launched(kube: FakeKube, controller: FineTuneController, **spec: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    obj = finetune(kube, **spec)
+    controller.reconcile(obj, None)
+    return obj, the_job(kube)
+
+
+def test_running_job_is_mirrored_and_progress_polled(
+    kube: FakeKube, controller: FineTuneController, output: Path
+) -> None:
+    obj, job = launched(kube, controller)
+    controller.on_job_event("MODIFIED", obj, set_job(job, active=1, startTime="2026-11-29T10:00:00Z"))
+    current = status(kube, obj)
+    assert (current["phase"], current["attempts"], current["startTime"]) == ("Preparing", 1, "2026-11-29T10:00:00Z")
+    uid = obj["metadata"]["uid"]
+    scheduler = controller.scheduler
+    assert isinstance(scheduler, ManualScheduler)
+    assert scheduler.delay(("progress", uid)) == 5
+    run = Path(job["metadata"]["annotations"][build.OUTPUT_ANNOTATION].removeprefix("file://"))
+    run.mkdir(parents=True)
+    progress = {"stage": "train", "step": 7, "total_steps": 20, "epoch": 0.35, "loss": 1.25, "checkpoint_step": 5,
+                "checkpoint_uri": "s3://x/ckpt/", "message": "training", "percent": 35}  # fmt: skip
+    (run / "progress.json").write_text(json.dumps(progress))
+    scheduler.run(("progress", uid))
+    current = status(kube, obj)
+    assert current["phase"] == "Training"
+    want = {"step": 7, "totalSteps": 20, "epoch": "0.35", "loss": "1.25", "percent": 35, "stage": "train"}
+    assert {k: current["progress"].get(k) for k in want} == want
+    assert current["checkpoint"] == {"uri": "s3://x/ckpt/", "step": 5}
+    assert scheduler.scheduled(("progress", uid))  # polls again while the Job runs
+
+
+def test_completed_job_with_summary_succeeds(kube: FakeKube, controller: FineTuneController) -> None:
+    obj, job = launched(kube, controller)
+    controller.on_job_event("MODIFIED", obj, set_job(job, active=1))
+    trainer_pod(kube, job, succeeded_summary(), 0)
+    controller.on_job_event("MODIFIED", obj, set_job(job, succeeded=1, conditions=COMPLETE))
+    current = status(kube, obj)
+    assert current["phase"] == "Succeeded"
+    assert current["adapter"]["digest"] == "sha256:" + "a" * 64
+    assert current["adapter"]["loraRank"] == 16
+    assert current["evaluation"]["baselines"] == {"prompted": {"exact_match": "0.2"}}
+    assert current["data"]["trainExamples"] == 400
+    assert current["progress"]["resumedFromStep"] == 4
+    assert condition(current, "Ready") == ("True", "Succeeded")
+    assert not controller.scheduler.scheduled(("progress", obj["metadata"]["uid"]))
+    assert kube.events[-1][:2] == ("Normal", "Succeeded")
+
+
+@pytest.mark.parametrize(
+    ("summary", "job_status", "reason"),
+    [
+        (Summary.failed("DataInvalid", "train.jsonl:4: not JSON", "r"), {"failed": 1, "conditions": FAILED},
+         "DataInvalid"),
+        (None, {"succeeded": 1, "conditions": COMPLETE}, "TrainerFailed"),
+        (None, {"failed": 4, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]},
+         "BackoffLimitExceeded"),
+        (None, {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]},
+         "DeadlineExceeded"),
+    ],
+)  # fmt: skip
+def test_failed_runs_name_a_reason(
+    kube: FakeKube, controller: FineTuneController, summary: Summary | None, job_status: dict[str, Any], reason: str
+) -> None:
+    obj, job = launched(kube, controller)
+    trainer_pod(kube, job, summary, 10 if summary else 1)
+    controller.on_job_event("MODIFIED", obj, set_job(job, **job_status))
+    current = status(kube, obj)
+    assert current["phase"] == "Failed"
+    assert condition(current, "Stalled") == ("True", reason)
+    assert current["message"]
+
+
+def test_oom_killed_container_is_out_of_memory(kube: FakeKube, controller: FineTuneController) -> None:
+    obj, job = launched(kube, controller)
+    trainer_pod(kube, job, None, 137, reason="OOMKilled")
+    controller.on_job_event("MODIFIED", obj, set_job(job, failed=4, conditions=FAILED))
+    assert condition(status(kube, obj), "Stalled") == ("True", "OutOfMemory")
+
+
+def test_suspend_follows_the_spec_once(kube: FakeKube, controller: FineTuneController) -> None:
+    obj, job = launched(kube, controller)
+    obj = obj | {"spec": {**obj["spec"], "runPolicy": {"suspend": True}}}
+    controller.on_job_event("MODIFIED", obj, set_job(job, active=1))
+    controller.on_job_event("MODIFIED", obj, set_job(job, active=1))  # the Job's event has not come back yet
+    assert [w for w in kube.writes if w[1] == "Job" and w[0] == "patch"] == [("patch", "Job", "support-bot-v1-train")]
+    assert the_job(kube)["spec"]["suspend"] is True
+    controller.on_job_event("MODIFIED", obj, set_job(the_job(kube), active=0))
+    assert status(kube, obj)["phase"] == "Suspended"
+
+
+def test_a_queued_job_is_never_unsuspended_by_the_operator(kube: FakeKube, controller: FineTuneController) -> None:
+    obj, job = launched(kube, controller, runPolicy={"queueName": "team-a"})
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"][build.QUEUE_LABEL] == "team-a"
+    controller.on_job_event("MODIFIED", obj, set_job(job))
+    assert not [w for w in kube.writes if w[1] == "Job" and w[0] == "patch"]
+    current = status(kube, obj)
+    assert current["phase"] == "Queued"
+    assert condition(current, "Queued") == ("True", "WaitingForAdmission")
+
+
+def test_a_deleted_job_of_an_unfinished_finetune_is_created_again(
+    kube: FakeKube, controller: FineTuneController
+) -> None:
+    obj, job = launched(kube, controller)
+    del kube.objects[("Job", NS, job["metadata"]["name"])]
+    controller.on_job_event("DELETED", obj, job)
+    uid = obj["metadata"]["uid"]
+    scheduler = controller.scheduler
+    assert isinstance(scheduler, ManualScheduler)
+    scheduler.run(("retry", uid))
+    assert len(kube.of_kind("Job")) == 1
+
+
+def test_a_finished_finetune_ignores_later_job_events(kube: FakeKube, controller: FineTuneController) -> None:
+    obj, job = launched(kube, controller)
+    trainer_pod(kube, job, succeeded_summary(), 0)
+    controller.on_job_event("MODIFIED", obj, set_job(job, succeeded=1, conditions=COMPLETE))
+    kube.writes.clear()
+    controller.on_job_event("DELETED", obj, job)  # ttlSecondsAfterFinished removed it
+    controller.on_finetune_event("MODIFIED", obj, None)
+    assert kube.writes == []
+    assert not controller.scheduler.scheduled(("retry", obj["metadata"]["uid"]))
+
+
+def test_forget_drops_everything_about_a_deleted_finetune(kube: FakeKube, controller: FineTuneController) -> None:
+    obj, job = launched(kube, controller)
+    controller.on_job_event("MODIFIED", obj, set_job(job, active=1))
+    uid = obj["metadata"]["uid"]
+    controller.on_finetune_event("DELETED", obj, None)
+    assert uid not in controller.running
+    assert uid not in controller.launched
+    assert not controller.scheduler.scheduled(("progress", uid))
+
+
+def test_retention_delete_removes_the_run_prefix(kube: FakeKube, controller: FineTuneController, output: Path) -> None:
+    obj = finetune(kube, output={"retention": "Delete"})
+    run = output / NS / "support-bot-v1" / obj["metadata"]["uid"]
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "weights.safetensors").write_bytes(b"w")
+    keep = output / NS / "support-bot-v1" / "other-run"
+    keep.mkdir(parents=True)
+    assert controller.deletes_artifacts(obj["spec"])
+    controller.delete_artifacts(obj)
+    assert not (run / "adapter" / "weights.safetensors").exists()
+    assert keep.exists()
