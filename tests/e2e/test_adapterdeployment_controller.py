@@ -18,8 +18,7 @@ from typing import Any
 import pytest
 
 from tests.cluster import Cluster
-from tests.e2e.conftest import Operator
-from tests.e2e.test_finetune_controller import apply, condition, example, get, phase_in, wait_for
+from tests.e2e.helpers import ACCESS_KEY, SECRET_KEY, Operator, apply, condition, example, get, phase_in, wait_for
 
 SERVED = "support-bot"
 QUEUES = {
@@ -99,8 +98,6 @@ class Traffic:
 @pytest.fixture(scope="module")
 def story(cluster: Cluster, operator: Operator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A namespace with three finished FineTunes: two good adapters (a, b) and one whose gates failed."""
-    from tests.e2e.conftest import ACCESS_KEY, SECRET_KEY
-
     ns = f"serving-{int(time.time()) % 100000}"
     cluster.kubectl("create", "namespace", ns)
     wait_for("the default ServiceAccount", lambda: get(cluster, ns, "serviceaccount", "default"))
@@ -139,10 +136,26 @@ def history(status: dict[str, Any]) -> list[tuple[str, str]]:
     return [(h["outcome"], h["reason"]) for h in status.get("history") or []]
 
 
-def test_1_first_adapter_serves_and_changes_the_answers(cluster: Cluster, story: str) -> None:
+def serving(cluster: Cluster, ns: str, fine_tune: str) -> dict[str, Any]:
+    """Point the AdapterDeployment at ``fine_tune`` and wait until it serves as stable (Healthy).
+
+    Each test starts from here, so the tests share the story's FineTunes but not an order.
+    """
+    apply(cluster, ns, deployment_doc(fine_tune))
+    return wait_for(
+        f"{fine_tune} to serve",
+        lambda: (
+            (s := adep_status(cluster, ns)).get("phase") == "Healthy"
+            and (s.get("stable") or {}).get("fineTune") == fine_tune
+            and s
+        ),
+        timeout=180,
+    )
+
+
+def test_first_adapter_serves_and_changes_the_answers(cluster: Cluster, story: str) -> None:
     ns = story
-    apply(cluster, ns, deployment_doc("adapter-a"))
-    st = wait_for("Healthy", lambda: (s := adep_status(cluster, ns)).get("phase") == "Healthy" and s)
+    st = serving(cluster, ns, "adapter-a")
     assert condition(st, "Ready")["status"] == "True"
     assert st["stable"]["fineTune"] == "adapter-a"
     assert st["readyReplicas"] == 1
@@ -155,8 +168,9 @@ def test_1_first_adapter_serves_and_changes_the_answers(cluster: Cluster, story:
     assert chat(ip, f"{SERVED}-base").strip() not in QUEUES
 
 
-def test_2_a_finetune_whose_gates_failed_is_rejected_while_stable_serves(cluster: Cluster, story: str) -> None:
+def test_a_finetune_whose_gates_failed_is_rejected_while_stable_serves(cluster: Cluster, story: str) -> None:
     ns = story
+    serving(cluster, ns, "adapter-a")
     with Traffic(cluster, ns) as traffic:
         apply(cluster, ns, deployment_doc("adapter-bad"))
         st = wait_for("Rejected", lambda: (s := adep_status(cluster, ns)).get("phase") == "Degraded" and s)
@@ -168,8 +182,9 @@ def test_2_a_finetune_whose_gates_failed_is_rejected_while_stable_serves(cluster
     assert traffic.failed == []
 
 
-def test_3_a_revision_that_cannot_start_rolls_back_without_failed_requests(cluster: Cluster, story: str) -> None:
+def test_a_revision_that_cannot_start_rolls_back_without_failed_requests(cluster: Cluster, story: str) -> None:
     ns = story
+    serving(cluster, ns, "adapter-a")
     good = (get(cluster, ns, "finetune", "adapter-b") or {})["status"]["adapter"]["uri"]
     corrupted = "sha256:" + "0" * 64
     started = time.monotonic()
@@ -191,10 +206,11 @@ def test_3_a_revision_that_cannot_start_rolls_back_without_failed_requests(clust
     print(f"\nspec change -> rollback: {rollback_seconds:.1f}s")
 
 
-def test_4_a_good_second_adapter_is_promoted_through_a_canary_and_a_revert_cuts_back(
+def test_a_good_second_adapter_is_promoted_through_a_canary_and_a_revert_cuts_back(
     cluster: Cluster, story: str
 ) -> None:
     ns = story
+    serving(cluster, ns, "adapter-a")
     b_digest = (get(cluster, ns, "finetune", "adapter-b") or {})["status"]["adapter"]["digest"]
     a_digest = (get(cluster, ns, "finetune", "adapter-a") or {})["status"]["adapter"]["digest"]
     started = time.monotonic()

@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import secrets
 import textwrap
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -21,6 +20,7 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from tests.cluster import Cluster
+from tests.e2e.helpers import apply, wait_for
 
 T = TypeVar("T")
 Obj = dict[str, Any]
@@ -32,32 +32,10 @@ def api(cluster: Cluster) -> Iterator[k8s.ApiClient]:
         yield client
 
 
-def wait_for(check: Callable[[], T | None], what: str, timeout: float = 60.0) -> T:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.1)
-
-
 def raw(response: Any) -> Obj:
     """The JSON of a client call made with ``_preload_content=False``: plain dicts, as kubectl shows them."""
     result: Obj = json.loads(response.data)
     return result
-
-
-def apply(cluster: Cluster, namespace: str, *manifests: Obj) -> None:
-    cluster.kubectl(
-        "apply",
-        "-f",
-        "-",
-        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": list(manifests)}),
-        namespace=namespace,
-    )
 
 
 def pod(name: str, *containers: Obj, restart_policy: str = "Never", **spec: Any) -> Obj:
@@ -127,7 +105,7 @@ def container_status(current: Obj, name: str) -> Obj:
 def test_job_completes_and_its_output_is_readable(cluster: Cluster, namespace: str, api: k8s.ApiClient) -> None:
     apply(cluster, namespace, job("hello", "print('hello from job')"))
 
-    wait_for(lambda: job_condition(api, namespace, "hello", "Complete"), "Job hello to complete")
+    wait_for("Job hello to complete", lambda: job_condition(api, namespace, "hello", "Complete"), timeout=60)
 
     [finished] = pods(api, namespace, "job-name=hello")
     assert finished["status"]["phase"] == "Succeeded"
@@ -138,7 +116,7 @@ def test_job_completes_and_its_output_is_readable(cluster: Cluster, namespace: s
 def test_failing_job_is_retried_then_fails(cluster: Cluster, namespace: str, api: k8s.ApiClient) -> None:
     apply(cluster, namespace, job("doomed", "raise SystemExit(3)", backoff_limit=1))
 
-    failed = wait_for(lambda: job_condition(api, namespace, "doomed", "Failed"), "Job doomed to fail")
+    failed = wait_for("Job doomed to fail", lambda: job_condition(api, namespace, "doomed", "Failed"), timeout=60)
 
     assert failed["reason"] == "BackoffLimitExceeded"
     attempts = pods(api, namespace, "job-name=doomed")
@@ -168,7 +146,9 @@ def test_termination_messages_reach_the_pod_status(cluster: Cluster, namespace: 
         ),
     )
 
-    done = wait_for(lambda: phase_in(api, namespace, "reporter", "Succeeded", "Failed"), "pod reporter to finish")
+    done = wait_for(
+        "pod reporter to finish", lambda: phase_in(api, namespace, "reporter", "Succeeded", "Failed"), timeout=60
+    )
 
     assert done["status"]["phase"] == "Failed"
     file = container_status(done, "file")["state"]["terminated"]
@@ -235,7 +215,9 @@ def test_env_and_config_volumes_reach_the_process(cluster: Cluster, namespace: s
     ]
     apply(cluster, namespace, settings, credentials, pod("env-check", container, volumes=volumes))
 
-    done = wait_for(lambda: phase_in(api, namespace, "env-check", "Succeeded", "Failed"), "pod env-check to finish")
+    done = wait_for(
+        "pod env-check to finish", lambda: phase_in(api, namespace, "env-check", "Succeeded", "Failed"), timeout=60
+    )
 
     log = cluster.pod_log(namespace, "env-check")
     assert done["status"]["phase"] == "Succeeded", log
@@ -273,7 +255,9 @@ def test_init_containers_run_first_and_share_an_empty_dir(cluster: Cluster, name
         ),
     )
 
-    done = wait_for(lambda: phase_in(api, namespace, "staged", "Succeeded", "Failed"), "pod staged to finish")
+    done = wait_for(
+        "pod staged to finish", lambda: phase_in(api, namespace, "staged", "Succeeded", "Failed"), timeout=60
+    )
 
     assert done["status"]["phase"] == "Succeeded"
     assert cluster.pod_log(namespace, "staged", "main") == "fetch\nprepare\n"
@@ -309,7 +293,7 @@ def test_deployment_with_readiness_probe_becomes_available(
         conditions = {c["type"]: c["status"] for c in status.get("conditions", [])}
         return status if status.get("readyReplicas") == 2 and conditions.get("Available") == "True" else None
 
-    wait_for(available, "Deployment web to have 2 ready replicas")
+    wait_for("Deployment web to have 2 ready replicas", available, timeout=60)
 
     ips = {p["status"]["podIP"] for p in pods(api, namespace, "app=web")}
     assert len(ips) == 2
@@ -329,7 +313,7 @@ def test_crash_looping_container_backs_off(cluster: Cluster, namespace: str, api
         waiting = status["state"].get("waiting", {})
         return status if status["restartCount"] >= 2 and waiting.get("reason") == "CrashLoopBackOff" else None
 
-    status = wait_for(backing_off, "pod crasher to be restarted twice and back off", timeout=30)
+    status = wait_for("pod crasher to be restarted twice and back off", backing_off, timeout=30)
 
     assert status["lastState"]["terminated"]["exitCode"] == 1
     assert read_pod(api, namespace, "crasher")["status"]["phase"] == "Running"
@@ -346,7 +330,7 @@ def test_namespace_with_running_pod_is_deleted(cluster: Cluster, namespace: str,
         time.sleep(3600)
         """
     apply(cluster, namespace, pod("sleeper", python("main", code), restart_policy="Always"))
-    wait_for(lambda: "serving" in log_of(cluster, namespace, "sleeper"), "pod sleeper to run")
+    wait_for("pod sleeper to run", lambda: "serving" in log_of(cluster, namespace, "sleeper"), timeout=60)
     core = k8s.CoreV1Api(api)
 
     core.delete_namespace(namespace)
@@ -358,7 +342,7 @@ def test_namespace_with_running_pod_is_deleted(cluster: Cluster, namespace: str,
             return bool(e.status == 404)
         return False
 
-    wait_for(gone, f"namespace {namespace} to disappear", timeout=60)
+    wait_for(f"namespace {namespace} to disappear", gone, timeout=60)
     assert cluster.pod_log(namespace, "sleeper").endswith("got SIGTERM\n")
 
 

@@ -6,99 +6,30 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
 from kubetune_trainer import storage
 from tests.cluster import Cluster
 from tests.conftest import ROOT
-from tests.e2e.conftest import ACCESS_KEY, SECRET_KEY, Operator
-
-EXAMPLE = ROOT / "docs" / "examples" / "finetune-support-router.yaml"
-T = TypeVar("T")
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 240, interval: float = 0.25) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def example(name: str, **spec_changes: Any) -> dict[str, Any]:
-    doc: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
-    doc["metadata"]["name"] = name
-    for key, value in spec_changes.items():
-        if isinstance(value, dict) and isinstance(doc["spec"].get(key), dict):
-            doc["spec"][key] = {**doc["spec"][key], **value}
-        else:
-            doc["spec"][key] = value
-    return doc
-
-
-def apply(cluster: Cluster, namespace: str, doc: dict[str, Any]) -> None:
-    # JSON, not YAML: PyYAML writes "3e-3" unquoted, and kubectl reads that back as a number.
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc))
-
-
-def get(cluster: Cluster, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
-    result = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
-    if result.returncode != 0:
-        return None
-    obj: dict[str, Any] = json.loads(result.stdout)
-    return obj
-
-
-def status(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
-    obj = get(cluster, namespace, "finetune", name) or {}
-    found: dict[str, Any] = obj.get("status") or {}
-    return found
-
-
-def condition(st: dict[str, Any], type_: str) -> dict[str, Any]:
-    return next((c for c in st.get("conditions") or [] if c["type"] == type_), {})
-
-
-def phase_in(cluster: Cluster, namespace: str, name: str, *phases: str) -> Callable[[], dict[str, Any] | None]:
-    def probe() -> dict[str, Any] | None:
-        st = status(cluster, namespace, name)
-        return st if st.get("phase") in phases else None
-
-    return probe
-
-
-def jobs(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = json.loads(cluster.kubectl("get", "jobs", "-n", namespace, "-o", "json").stdout)[
-        "items"
-    ]
-    return items
-
-
-def pods(cluster: Cluster, namespace: str, job: str) -> list[dict[str, Any]]:
-    out = cluster.kubectl("get", "pods", "-n", namespace, "-l", f"batch.kubernetes.io/job-name={job}", "-o", "json")
-    items: list[dict[str, Any]] = json.loads(out.stdout)["items"]
-    return items
-
-
-def running_pod(cluster: Cluster, namespace: str, job: str) -> str | None:
-    for pod in pods(cluster, namespace, job):
-        if pod["status"].get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
-            return str(pod["metadata"]["name"])
-    return None
-
-
-def s3_settings(cluster: Cluster) -> storage.S3Settings:
-    return storage.S3Settings(
-        endpoint=cluster.s3.endpoint_url, region=cluster.s3.region, access_key=ACCESS_KEY, secret_key=SECRET_KEY
-    )
-
+from tests.e2e.helpers import (
+    ACCESS_KEY,
+    SECRET_KEY,
+    Operator,
+    apply,
+    condition,
+    example,
+    get,
+    jobs,
+    phase_in,
+    pods,
+    running_pod,
+    s3_settings,
+    status,
+    wait_for,
+)
 
 # ----------------------------------------------------------------------------- the happy path
 

@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 
 from tests.cluster import Cluster
-from tests.e2e.conftest import Operator
-from tests.e2e.test_finetune_controller import apply, example, jobs, status, wait_for
+from tests.e2e.helpers import Operator, apply, example, jobs, status, wait_for
 
 LEASE = "kubetune-operator"
 pytestmark = pytest.mark.usefixtures("crds", "seeded_s3", "no_operator")

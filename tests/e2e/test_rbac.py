@@ -32,8 +32,7 @@ import yaml
 
 from tests.cluster import Cluster
 from tests.conftest import ROOT
-from tests.e2e.conftest import ACCESS_KEY, SECRET_KEY, Operator
-from tests.e2e.test_finetune_controller import apply, example, get, jobs, phase_in, wait_for
+from tests.e2e.helpers import ACCESS_KEY, SECRET_KEY, Operator, apply, example, get, jobs, phase_in, wait_for
 
 RELEASE_NS = "kubetune-system"
 SA = "kubetune"
