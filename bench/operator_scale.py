@@ -68,25 +68,15 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
-import platform
-import re
 import secrets
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -98,19 +88,35 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from kubernetes import client as k8s  # noqa: E402
-from kubernetes import config as k8s_config  # noqa: E402
-from kubernetes import watch as k8s_watch  # noqa: E402
 from kubernetes.client.exceptions import ApiException  # noqa: E402
 
+from bench.scale.common import (  # noqa: E402
+    FINETUNE_LABEL,
+    GROUP,
+    PLURAL,
+    VERSION,
+    Created,
+    api_client,
+    log,
+    parse_ts,
+    percentiles,
+    wait_for,
+)
+from bench.scale.environment import machine, versions  # noqa: E402
+from bench.scale.jobs import JobWatch  # noqa: E402
+from bench.scale.processes import (  # noqa: E402
+    OperatorProcess,
+    ProxyProcess,
+    RssSampler,
+    process_cpu_s,
+    tree_cpu_s,
+    write_kubeconfig,
+)
+from bench.scale.requests import operator_log_summary, per_finetune, scrape_metrics, summarize_requests  # noqa: E402
 from tests.cluster import Cluster  # noqa: E402
 from tests.cluster.procs import stop_all  # noqa: E402
 
 MANIFEST = ROOT / "docs" / "examples" / "finetune-support-router.yaml"
-PROXY = Path(__file__).with_name("_proxy.py")
-GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunes"
-FINETUNE_LABEL = "kubetune.io/finetune"
-WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-CATEGORIES = ("finetunes", "finetunes/status", "jobs", "configmaps", "secrets", "events", "pods", "other")
 TARGET_P99_S = 2.0
 TARGET_P99_SIZE = 100
 TARGET_WRITES_PER_FINETUNE = 6.0
@@ -118,321 +124,7 @@ TARGET_WRITES_PER_FINETUNE = 6.0
 ACCESS_KEY, SECRET_KEY = "AKIAKUBETUNEBENCH001", "kubetune-bench-secret"
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def percentiles(values: Iterable[float]) -> dict[str, float | int | None]:
-    """Nearest-rank p50/p95/p99, max and mean of ``values``, rounded to the millisecond."""
-    data = sorted(values)
-    if not data:
-        return {"n": 0, "p50": None, "p95": None, "p99": None, "max": None, "mean": None}
-
-    def rank(p: float) -> float:
-        return data[max(0, math.ceil(p / 100 * len(data)) - 1)]
-
-    return {
-        "n": len(data),
-        "p50": round(rank(50), 3),
-        "p95": round(rank(95), 3),
-        "p99": round(rank(99), 3),
-        "max": round(data[-1], 3),
-        "mean": round(sum(data) / len(data), 3),
-    }
-
-
-def parse_ts(value: str) -> float:
-    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
-
-
-def api_client(cluster: Cluster, pool: int) -> k8s.ApiClient:
-    """An admin client whose connection pool holds ``pool`` connections (the default is 5 per CPU)."""
-    cfg = k8s.Configuration()
-    k8s_config.load_kube_config(config_file=str(cluster.kubeconfig), client_configuration=cfg)  # type: ignore[no-untyped-call]
-    cfg.connection_pool_maxsize = pool
-    return k8s.ApiClient(cfg)
-
-
-# ---------------------------------------------------------------------------------------------- processes
-
-
-def process_cpu_s(proc: psutil.Process) -> float:
-    """User+system CPU of a process and its waited-for children; 0 once it is gone."""
-    try:
-        t = proc.cpu_times()
-    except psutil.Error:
-        return 0.0
-    return float(t.user + t.system + t.children_user + t.children_system)
-
-
-def tree_cpu_s(proc: psutil.Process) -> float:
-    total = process_cpu_s(proc)
-    with contextlib.suppress(psutil.Error):
-        for child in proc.children(recursive=True):
-            total += process_cpu_s(child)
-    return total
-
-
-class RssSampler(threading.Thread):
-    """Peak RSS of a process and its children, sampled every ``interval`` seconds."""
-
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
-        super().__init__(daemon=True, name="rss-sampler")
-        self.proc = psutil.Process(pid)
-        self.interval = interval
-        self.peak = 0
-        self.samples = 0
-        self.marked_peak: int | None = None
-        self._stop_event = threading.Event()
-
-    def sample(self) -> None:
-        try:
-            rss = self.proc.memory_info().rss
-            for child in self.proc.children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    rss += child.memory_info().rss
-        except psutil.Error:
-            return
-        self.peak = max(self.peak, rss)
-        self.samples += 1
-
-    def mark(self) -> None:
-        """Remember the peak so far (the peak up to the last Job)."""
-        self.sample()
-        self.marked_peak = self.peak
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self.interval):
-            self.sample()
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join(timeout=5)
-
-
-@dataclass
-class ProxyProcess:
-    """``bench/_proxy.py`` as a subprocess, and the JSON-lines log of what it forwarded."""
-
-    popen: subprocess.Popen[str]
-    port: int
-    log_path: Path
-
-    @classmethod
-    def start(cls, cluster: Cluster, workdir: Path) -> ProxyProcess:
-        log_path = workdir / "requests.jsonl"
-        with (workdir / "proxy.err").open("ab") as err:
-            popen = subprocess.Popen(
-                [
-                    sys.executable,
-                    str(PROXY),
-                    f"--upstream={cluster.server}",
-                    f"--ca={cluster.control_plane.ca_file}",
-                    f"--log={log_path}",
-                ],
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-                start_new_session=True,
-            )
-        assert popen.stdout is not None
-        line = popen.stdout.readline().strip()
-        if not line.startswith("listening "):
-            popen.kill()
-            raise RuntimeError(f"the proxy did not start: {line!r}; see {workdir / 'proxy.err'}")
-        return cls(popen, int(line.split()[1]), log_path)
-
-    def requests(self) -> list[dict[str, Any]]:
-        if not self.log_path.exists():
-            return []
-        out = []
-        for line in self.log_path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(ValueError):  # the last line may be half written
-                out.append(json.loads(line))
-        return out
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, signal.SIGTERM)
-        try:
-            self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait()
-
-
-def write_kubeconfig(path: Path, server: str, token: str) -> None:
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "bench-proxy", "cluster": {"server": server}}],
-        "users": [{"name": "admin", "user": {"token": token}}],
-        "contexts": [{"name": "bench-proxy", "context": {"cluster": "bench-proxy", "user": "admin"}}],
-        "current-context": "bench-proxy",
-    }
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    path.chmod(0o600)
-
-
-@dataclass
-class OperatorProcess:
-    """``python -m kubetune.cli operator`` as the bench runs it."""
-
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-    health_port: int
-    metrics_port: int
-    env: dict[str, str]
-
-    @classmethod
-    def start(cls, cluster: Cluster, workdir: Path, kubeconfig: Path, extra_args: list[str]) -> OperatorProcess:
-        health_port, metrics_port = free_port(), free_port()
-        env = {
-            "PATH": os.environ.get("PATH", ""),
-            "HOME": str(workdir),
-            "KUBECONFIG": str(kubeconfig),
-            "KUBETUNE_TRAINER_COMMAND": "true",
-            "KUBETUNE_DEFAULT_OUTPUT_URI": "s3://adapters/",
-            "KUBETUNE_DEFAULT_STORAGE_ENDPOINT": cluster.s3.endpoint_url,
-            "KUBETUNE_DEFAULT_STORAGE_SECRET": "s3-credentials",
-            "KUBETUNE_METRICS_PORT": str(metrics_port),
-            "KUBETUNE_HEALTH_PORT": str(health_port),
-        }
-        log_path = workdir / "operator.log"
-        with log_path.open("ab") as out:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "kubetune.cli", "operator", *extra_args],
-                env=env,
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        return cls(popen, log_path, health_port, metrics_port, env)
-
-    def healthy(self) -> bool:
-        if self.popen.poll() is not None:
-            raise RuntimeError(f"the operator exited ({self.popen.returncode}):\n{self.log()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> int | None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, signal.SIGTERM)
-        try:
-            self.popen.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait()
-        return self.popen.returncode
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> float:
-    """Poll ``check``; the seconds it took. Raise TimeoutError after ``timeout``."""
-    began = time.monotonic()
-    while not check():
-        if time.monotonic() - began > timeout:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-    return time.monotonic() - began
-
-
-# ---------------------------------------------------------------------------------------------- watching Jobs
-
-
-class JobWatch(threading.Thread):
-    """Arrival time (monotonic) of the first event of each Job in a namespace."""
-
-    def __init__(self, api: k8s.ApiClient, namespace: str) -> None:
-        super().__init__(daemon=True, name="job-watch")
-        self.batch = k8s.BatchV1Api(api)
-        self.namespace = namespace
-        self.first_seen: dict[str, tuple[float, dict[str, Any]]] = {}
-        self.events: Counter[str] = Counter()
-        self.restarts = 0
-        self.error: str | None = None
-        self.ready = threading.Event()
-        self.changed = threading.Condition()
-        self._stopping = threading.Event()
-        self._watch: k8s_watch.Watch | None = None
-
-    def run(self) -> None:
-        try:
-            resource_version = self.batch.list_namespaced_job(self.namespace).metadata.resource_version
-            self.ready.set()
-            while not self._stopping.is_set():
-                self._watch = k8s_watch.Watch()
-                stream = self._watch.stream(
-                    self.batch.list_namespaced_job,
-                    self.namespace,
-                    resource_version=resource_version,
-                    allow_watch_bookmarks=True,
-                    timeout_seconds=60,
-                    deserialize=False,
-                )
-                for event in stream:
-                    arrived = time.monotonic()
-                    kind, obj = event["type"], event["object"]
-                    self.events[kind] += 1
-                    if kind == "ERROR":
-                        raise RuntimeError(f"watch error: {obj}")
-                    resource_version = obj["metadata"]["resourceVersion"]
-                    if kind == "BOOKMARK":
-                        continue
-                    name = obj["metadata"]["name"]
-                    if kind in ("ADDED", "MODIFIED") and name not in self.first_seen:
-                        with self.changed:
-                            self.first_seen[name] = (arrived, obj)
-                            self.changed.notify_all()
-                self.restarts += 1
-        except Exception as e:  # reported in the output: a broken watch makes the latencies meaningless
-            if self._stopping.is_set():
-                return
-            self.error = f"{type(e).__name__}: {e}"
-            self.ready.set()
-            with self.changed:
-                self.changed.notify_all()
-
-    def wait_count(self, count: int, timeout: float, alive: Callable[[], bool]) -> bool:
-        """Wait until ``count`` Jobs were seen; False on timeout, a broken watch or ``alive()`` turning False."""
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while len(self.first_seen) < count and self.error is None and alive():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.changed.wait(min(left, 1.0))
-        return len(self.first_seen) >= count
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._watch is not None:
-            self._watch.stop()
-
-
 # ---------------------------------------------------------------------------------------------- one size
-
-
-@dataclass
-class Created:
-    name: str
-    before: float
-    after: float
-    wall_before: float
-    creation_timestamp: str | None = None
-    error: str | None = None
 
 
 @dataclass
@@ -468,153 +160,6 @@ def create_all(
 
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="create") as pool:
         return list(pool.map(create, range(1, size + 1)))
-
-
-def summarize_requests(requests: list[dict[str, Any]], size: int) -> dict[str, Any]:
-    writes = [r for r in requests if r["m"] in WRITE_METHODS]
-    reads = [r for r in requests if r["m"] not in WRITE_METHODS]
-    by_method = Counter(r["m"] for r in requests)
-    by_category = {
-        c: dict(Counter(r["m"] + (" (watch)" if r["w"] else "") for r in requests if r["c"] == c))
-        for c in CATEGORIES
-        if any(r["c"] == c for r in requests)
-    }
-    writes_by = Counter(f"{r['m']} {r['c']}" for r in writes)
-    return {
-        "total": len(requests),
-        "writes": len(writes),
-        "reads": len(reads),
-        "watches": sum(1 for r in reads if r["w"]),
-        "writes_per_finetune": round(len(writes) / size, 3),
-        "reads_per_finetune": round(len(reads) / size, 3),
-        "writes_per_finetune_by_kind": {k: round(v / size, 3) for k, v in sorted(writes_by.items())},
-        "by_method": dict(sorted(by_method.items())),
-        "by_category": by_category,
-        "non_2xx_by_status": dict(
-            sorted(Counter(f"{r['m']} {r['c']} {r['s']}" for r in requests if r["s"] >= 300).items())
-        ),
-        "write_response_s": percentiles(r["dt"] for r in writes),
-        "read_response_s": percentiles(r["dt"] for r in reads if not r["w"]),
-    }
-
-
-OWNED_SUFFIXES = ("-trainer-config", "-train")
-FT_NAME = re.compile(r"^ft-\d{4,}$")
-
-
-def owner(request: dict[str, Any]) -> str | None:
-    """The bench FineTune a request is about: named in the path (finetunes/<name>) or in the body."""
-    parts = request["p"].split("/")
-    if "finetunes" in parts and parts.index("finetunes") + 1 < len(parts):
-        name: str | None = parts[parts.index("finetunes") + 1]
-    else:
-        name = request.get("n")
-        for suffix in OWNED_SUFFIXES:
-            if name and name.endswith(suffix):
-                name = name.removesuffix(suffix)
-                break
-    return name if name and FT_NAME.match(name) else None
-
-
-def per_finetune(
-    requests: list[dict[str, Any]], created: list[Created], job_seen: dict[str, float], size: int
-) -> dict[str, Any]:
-    """Writes attributed to each FineTune, and where its create→Job time went."""
-    writes: dict[str, list[dict[str, Any]]] = {}
-    unattributed = 0
-    for r in requests:
-        if r["m"] not in WRITE_METHODS:
-            continue
-        name = owner(r)
-        if name is None:
-            unattributed += 1
-        else:
-            writes.setdefault(name, []).append(r)
-    up_to_own_job, waiting, handling, delivery = [], [], [], []
-    for c in created:
-        mine = sorted(writes.get(c.name, []), key=lambda r: r["t"])
-        seen = job_seen.get(c.name)
-        if seen is None or not mine:
-            continue
-        up_to_own_job.append(sum(1 for r in mine if r["t"] <= seen))
-        job_post = next((r for r in mine if r["m"] == "POST" and r["c"] == "jobs" and r["s"] < 300), None)
-        waiting.append(mine[0]["t"] - c.after)
-        if job_post is not None:
-            handling.append(job_post["t"] + job_post["dt"] - mine[0]["t"])
-            delivery.append(seen - (job_post["t"] + job_post["dt"]))
-    purposes = Counter(
-        f"{r['m']} {r['c']}" + (f" [{r['b']}]" if r.get("b") else "") + (f" -> {r['s']}" if r["s"] >= 300 else "")
-        for rs in writes.values()
-        for r in rs
-    )
-    return {
-        "writes_up_to_own_job": percentiles(up_to_own_job),
-        "writes_per_finetune_by_purpose": {k: round(v / size, 3) for k, v in purposes.most_common()},
-        "unattributed_writes": unattributed,
-        "create_to_job_breakdown_s": {
-            "create_end_to_first_operator_write": percentiles(waiting),
-            "first_operator_write_to_job_post_response": percentiles(handling),
-            "job_post_response_to_watch_arrival": percentiles(delivery),
-        },
-    }
-
-
-CREATED_JOB = re.compile(r"INFO kubetune\.finetune: \S+: created Job ")
-LEVEL = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
-
-
-def operator_log_summary(text: str, limit: int = 12) -> dict[str, Any]:
-    """Lines by level, and the first distinct WARNING/ERROR lines (digits and names masked to group them)."""
-    levels: Counter[str] = Counter()
-    excerpts: list[str] = []
-    shapes: Counter[str] = Counter()
-    lines = text.splitlines()
-    for i, line in enumerate(lines):
-        match = LEVEL.match(line)
-        if not match:
-            continue
-        level = match.group(1)
-        levels[level] += 1
-        if level in ("WARNING", "ERROR", "CRITICAL"):
-            message = line[match.end() :]
-            shape = re.sub(r"ft-\d+|\d+(\.\d+)?", "#", message)[:160]
-            shapes[shape] += 1
-            if shapes[shape] == 1 and len(excerpts) < limit:
-                # Of a traceback, keep what explains it (the exception, an API error's reason and body), not frames.
-                follow = []
-                for ln in lines[i + 1 : i + 60]:
-                    if LEVEL.match(ln):
-                        break
-                    if ln and not ln[0].isspace() and not ln.startswith(("Traceback", "HTTP response headers")):
-                        follow.append(ln[:400])
-                excerpts.append("\n".join([line[:600], *follow[:4]]))
-    created_jobs = sum(1 for line in lines if CREATED_JOB.search(line))
-    return {
-        "lines_by_level": dict(levels),
-        "created_job_lines": created_jobs,
-        "distinct_warning_error_shapes": dict(shapes.most_common(limit)),
-        "excerpts": excerpts,
-    }
-
-
-def scrape_metrics(port: int) -> dict[str, float]:
-    """The operator's kubetune_* samples (reconcile histogram sum/count, launches)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-    except OSError as e:
-        return {"error": str(e)}  # type: ignore[dict-item]
-    wanted = (
-        "kubetune_job_launches_total",
-        "kubetune_reconcile_duration_seconds_sum",
-        "kubetune_reconcile_duration_seconds_count",
-    )
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith(wanted):
-            key, _, value = line.rpartition(" ")
-            out[key] = round(float(value), 3)
-    return out
 
 
 def setup_namespace(api: k8s.ApiClient, namespace: str) -> None:
@@ -836,51 +381,6 @@ def operator_args(args: argparse.Namespace) -> list[str]:
     if args.operator_workers is not None:
         extra += ["--workers", str(args.operator_workers)]
     return extra
-
-
-# ---------------------------------------------------------------------------------------------- environment
-
-
-def versions(cluster: Cluster | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"python": platform.python_version()}
-    for dist in ("kubetune", "kopf", "kubernetes", "aiohttp", "psutil", "moto"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    git = ["git", "-C", str(ROOT)]
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        out["git_commit"] = subprocess.run(
-            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        porcelain = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True, check=True).stdout
-        out["git_dirty"] = bool(porcelain.strip())
-    if cluster is not None:
-        with contextlib.suppress(Exception):
-            server = json.loads(cluster.kubectl("version", "-o", "json").stdout).get("serverVersion", {})
-            out["kube_apiserver"] = server.get("gitVersion")
-        with contextlib.suppress(OSError, subprocess.CalledProcessError):
-            etcd = subprocess.run(
-                [str(cluster.bin_dir / "etcd"), "--version"], capture_output=True, text=True, check=True
-            )
-            out["etcd"] = etcd.stdout.splitlines()[0].split(":", 1)[-1].strip()
-    return out
-
-
-def machine() -> dict[str, Any]:
-    model = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "platform": platform.platform(),
-        "cpu_model": model,
-        "cpus": os.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def targets(runs: list[dict[str, Any]]) -> dict[str, Any]:

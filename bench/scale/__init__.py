@@ -1,0 +1,1 @@
+"""The parts of bench/operator_scale.py: processes, Job watching, request accounting, environment."""
