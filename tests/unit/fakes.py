@@ -99,6 +99,9 @@ class FakeKube:
         obj = self.get(plural, namespace, name)
         return copy.deepcopy(obj) if obj is not None else None
 
+    def list_custom(self, plural: str, namespace: str) -> list[dict[str, Any]]:
+        return [copy.deepcopy(o) for o in self.of_kind(plural) if o["metadata"].get("namespace") == namespace]
+
     def patch_status(self, plural: str, namespace: str | None, name: str, status: dict[str, Any]) -> None:
         self._maybe_fail("patch_status")
         obj = self.get(plural, namespace, name)

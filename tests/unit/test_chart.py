@@ -32,6 +32,8 @@ REQUIRED: dict[tuple[str, str], set[str]] = {
     ("kubetune.io", "finetunes/status"): {"patch"},
     ("kubetune.io", "adapterdeployments"): {"list", "watch"},
     ("kubetune.io", "adapterdeployments/status"): {"patch"},
+    ("kubetune.io", "finetunes/finalizers"): {"update"},
+    ("kubetune.io", "adapterdeployments/finalizers"): {"update"},
     ("kubetune.io", "finetunetemplates"): {"get"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch"},
     ("", "configmaps"): {"get", "create"},
@@ -465,3 +467,11 @@ def test_dockerignore_keeps_local_state_out() -> None:
     }
     for required in (".git", ".venv", ".kubetune", "tests", "**/__pycache__", ".mypy_cache", ".pytest_cache"):
         assert required in entries, required
+
+
+def test_one_replica_is_recreated_never_two_at_once(helm: Path) -> None:
+    """Without leader election, an upgrade must not run the old and the new operator side by side."""
+    (one,) = of_kind(render(helm), "Deployment")
+    assert one["spec"]["strategy"] == {"type": "Recreate"}
+    (two,) = of_kind(render(helm, "--set", "replicaCount=2"), "Deployment")
+    assert "strategy" not in two["spec"]  # leader election keeps replicas from reconciling at once

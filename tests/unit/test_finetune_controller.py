@@ -373,3 +373,158 @@ def test_retention_delete_removes_the_run_prefix(kube: FakeKube, controller: Fin
     controller.delete_artifacts(obj)
     assert not (run / "adapter" / "weights.safetensors").exists()
     assert keep.exists()
+
+
+# ----------------------------------------------------------------------------- faults (issue: nothing lost)
+
+
+def test_a_refused_status_write_when_the_job_completes_is_retried(
+    kube: FakeKube, controller: FineTuneController
+) -> None:
+    obj, job = launched(kube, controller)
+    trainer_pod(kube, job, succeeded_summary(), 0)
+    kube.fail("patch_status", api_error(500, "Internal Server Error"))
+    controller.on_job_event("MODIFIED", obj, set_job(job, succeeded=1, conditions=COMPLETE))
+    assert status(kube, obj)["phase"] == "Pending"  # the write was refused
+    scheduler = controller.scheduler
+    assert isinstance(scheduler, ManualScheduler)
+    assert scheduler.delay(("follow", obj["metadata"]["uid"])) == 2
+    scheduler.run(("follow", obj["metadata"]["uid"]))
+    assert status(kube, obj)["phase"] == "Succeeded"
+
+
+def test_a_progress_poll_survives_api_errors(kube: FakeKube, controller: FineTuneController, output: Path) -> None:
+    obj, job = launched(kube, controller)
+    controller.on_job_event("MODIFIED", obj, set_job(job, active=1))
+    run = Path(job["metadata"]["annotations"][build.OUTPUT_ANNOTATION].removeprefix("file://"))
+    run.mkdir(parents=True)
+    (run / "progress.json").write_text(json.dumps({"stage": "train", "step": 2, "total_steps": 9}))
+    kube.fail("patch_status", api_error(429, "Too Many Requests"))
+    scheduler = controller.scheduler
+    assert isinstance(scheduler, ManualScheduler)
+    scheduler.run(("progress", obj["metadata"]["uid"]))
+    assert scheduler.scheduled(("progress", obj["metadata"]["uid"]))  # still polling
+    scheduler.run(("progress", obj["metadata"]["uid"]))
+    assert status(kube, obj)["progress"]["step"] == 2
+
+
+@pytest.mark.parametrize("cut", ["no pods", "summary cut to its limit"])
+def test_a_published_run_succeeds_from_its_manifest(
+    kube: FakeKube, controller: FineTuneController, output: Path, cut: str
+) -> None:
+    obj, job = launched(kube, controller)
+    run = Path(job["metadata"]["annotations"][build.OUTPUT_ANNOTATION].removeprefix("file://"))
+    run.mkdir(parents=True)
+    manifest = {
+        "runId": obj["metadata"]["uid"],
+        "promotable": True,
+        "evaluation": {"passed": True, "score": 0.9, "metrics": {"exact_match": 0.9}, "summary": "exact_match 0.9"},
+        "artifact": {"uri": "s3://a/adapter/", "digest": "sha256:" + "e" * 64, "sizeBytes": 3},
+        "parameters": {"trainable": 5},
+        "config": {"method": {"type": "LoRA", "lora": {"rank": 8}}},
+        "data": {"summary": {"train": 40}},
+        "training": {"steps": 3},
+    }
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    if cut != "no pods":
+        trainer_pod(kube, job, Summary(phase="Succeeded", reason="Succeeded", message="cut"), 0)
+    controller.on_job_event("MODIFIED", obj, set_job(job, succeeded=1, conditions=COMPLETE))
+    current = status(kube, obj)
+    assert current["phase"] == "Succeeded"
+    assert current["adapter"]["digest"] == "sha256:" + "e" * 64
+    assert current["adapter"]["loraRank"] == 8
+
+
+def test_out_of_memory_fails_at_the_first_attempt_and_stops_the_job(
+    kube: FakeKube, controller: FineTuneController
+) -> None:
+    obj, job = launched(kube, controller, resources={"memory": "4Gi"})
+    trainer_pod(kube, job, None, 137, reason="OOMKilled")
+    controller.on_job_event("MODIFIED", obj, set_job(job, failed=1, active=1))
+    current = status(kube, obj)
+    assert current["phase"] == "Failed"
+    assert condition(current, "Stalled") == ("True", "OutOfMemory")
+    assert condition(current, "Trained") == ("False", "OutOfMemory")
+    assert "4Gi" in current["message"]
+    assert "spec.resources.memory" in current["message"]
+    assert the_job(kube)["spec"]["suspend"] is True
+    assert not controller.scheduler.scheduled(("progress", obj["metadata"]["uid"]))
+
+
+def test_a_killed_pod_that_is_not_oom_is_retried(kube: FakeKube, controller: FineTuneController) -> None:
+    obj, job = launched(kube, controller)
+    trainer_pod(kube, job, None, 137, reason="Error")
+    controller.on_job_event("MODIFIED", obj, set_job(job, failed=1, active=1))
+    assert status(kube, obj)["phase"] == "Preparing"
+
+
+def test_a_stuck_pod_makes_the_run_stalled_with_its_reason(kube: FakeKube, controller: FineTuneController) -> None:
+    obj, job = launched(kube, controller)
+    controller.on_job_event("MODIFIED", obj, set_job(job, active=1, startTime="2020-01-01T00:00:00Z"))
+    kube.add("Pod", {
+        "metadata": {"name": "p", "namespace": NS, "labels": {"batch.kubernetes.io/job-name": job["metadata"]["name"]}},
+        "status": {"containerStatuses": [{"name": "trainer", "state": {"waiting": {
+            "reason": "CreateContainerConfigError", "message": 'secret "s3-credentials" not found'}}}]},
+    })  # fmt: skip
+    scheduler = controller.scheduler
+    assert isinstance(scheduler, ManualScheduler)
+    scheduler.run(("progress", obj["metadata"]["uid"]))
+    current = status(kube, obj)
+    assert condition(current, "Stalled") == ("True", "CreateContainerConfigError")
+    assert 'secret "s3-credentials" not found' in current["message"]
+    assert current["phase"] == "Preparing"  # not over: it recovers when the Secret is back
+
+
+def test_no_progress_for_long_is_stalled(kube: FakeKube, controller: FineTuneController) -> None:
+    obj, job = launched(kube, controller)
+    controller.on_job_event("MODIFIED", obj, set_job(job, active=1, startTime="2020-01-01T00:00:00Z"))
+    scheduler = controller.scheduler
+    assert isinstance(scheduler, ManualScheduler)
+    scheduler.run(("progress", obj["metadata"]["uid"]))
+    assert condition(status(kube, obj), "Stalled") == ("True", "ProgressStale")
+
+
+def test_storage_exit_is_retried_without_spending_the_budget(kube: FakeKube, controller: FineTuneController) -> None:
+    _, job = launched(kube, controller)
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0]["action"] == "FailJob"
+    assert rules[0]["onExitCodes"]["values"] == [10, 11, 12]
+    assert rules[1] == {
+        "action": "Ignore",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [75]},
+    }
+
+
+def test_retention_delete_keeps_an_adapter_that_is_served(
+    kube: FakeKube, controller: FineTuneController, output: Path
+) -> None:
+    obj = finetune(kube, output={"retention": "Delete"})
+    run = output / NS / "support-bot-v1" / obj["metadata"]["uid"]
+    for part in ("adapter/weights.safetensors", "manifest.json", "checkpoints/step-4/state.pt"):
+        (run / part).parent.mkdir(parents=True, exist_ok=True)
+        (run / part).write_bytes(b"x")
+    kube.add("adapterdeployments", {"metadata": {"name": "support-bot", "namespace": NS},
+                                    "status": {"stable": {"fineTuneUid": obj["metadata"]["uid"]}}})  # fmt: skip
+    assert controller.delete_artifacts(obj)
+    assert (run / "adapter" / "weights.safetensors").exists()
+    assert (run / "manifest.json").exists()
+    assert not (run / "checkpoints" / "step-4" / "state.pt").exists()
+    assert kube.events[-1][:2] == ("Normal", "AdapterKept")
+    assert "AdapterDeployment support-bot" in kube.events[-1][2]
+
+
+def test_retention_delete_gives_up_in_bounded_time_when_the_secret_is_gone(
+    kube: FakeKube, controller: FineTuneController, output: Path
+) -> None:
+    obj = finetune(kube, output={"retention": "Delete"})
+    run = output / NS / "support-bot-v1" / obj["metadata"]["uid"]
+    (run / "adapter").mkdir(parents=True)
+    kube.secrets.clear()  # deleted first, as a namespace deletion may do
+    assert controller.delete_artifacts(obj, elapsed=5) is False  # not yet: try again
+    limit = controller.settings.artifact_delete_timeout_seconds
+    assert controller.delete_artifacts(obj, elapsed=limit) is True
+    kind, reason, message = kube.events[-1]
+    assert (kind, reason) == ("Warning", "ArtifactsRetained")
+    assert str(run) in message
+    assert "s3-credentials" in message
+    assert (run / "adapter").exists()

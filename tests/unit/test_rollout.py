@@ -204,6 +204,46 @@ def test_transition(case: Case) -> None:
     AdapterDeploymentStatus.model_validate(status)
 
 
+def served_by(number: int, digest: str, ready: bool = True) -> dict[str, Any]:
+    """A stable Deployment whose annotations say which revision it serves."""
+    dep = deployment(number, ready=None if ready else 0)
+    dep["metadata"]["annotations"] = build.revision_annotations(
+        build.Candidate(
+            f"s3://adapters/{digest[7:11]}/", digest, fine_tune="support-bot-v3", metrics={"exact_match": "0.93"}
+        ),
+        number,
+    )
+    return dep
+
+
+def test_an_interrupted_promotion_is_recovered_from_the_stable_deployment() -> None:
+    """The operator stopped after rolling the stable Deployment to the canary's revision, before writing status."""
+    observed = ro.Observed(now=NOW, finetune=finetune(B), stable=served_by(2, B))  # the canary is gone too
+    decision = ro.decide(adep(), {**CANARY, "progressingSince": ago(3600)}, observed)
+    status = decision.status
+    assert status["phase"] == "Healthy", status["message"]
+    assert status["stable"]["revision"] == 2
+    assert status["stable"]["adapterDigest"] == B
+    assert status["stable"]["metrics"] == {"exact_match": "0.93"}
+    assert "canary" not in status
+    assert [(h["revision"], h["outcome"]) for h in status["history"][:2]] == [(2, "Promoted"), (1, "Superseded")]
+    assert decision.outcomes == [("Superseded", "Replaced"), ("Promoted", "Recovered")]
+    AdapterDeploymentStatus.model_validate(status)
+
+
+def test_a_stable_revision_that_never_becomes_ready_is_degraded_with_the_reason() -> None:
+    crashing = [pod(restarts=4)]
+    status = {"stable": revision(1, A), "history": history((1, A, "Promoted")), "progressingSince": ago(601)}
+    observed = ro.Observed(now=NOW, finetune=finetune(A), stable=served_by(1, A, ready=False), stable_pods=crashing)
+    decision = ro.decide(adep(), status, observed)
+    assert decision.status["phase"] == "Degraded"
+    ready = next(c for c in decision.status["conditions"] if c["type"] == "Stalled")
+    assert (ready["status"], ready["reason"]) == ("True", "StableNotReady")
+    assert "keeps failing (exit 3): boom" in decision.status["message"]
+    within = ro.decide(adep(), {**status, "progressingSince": ago(60)}, observed)
+    assert within.status["phase"] == "Progressing"
+
+
 def test_every_step_ensures_the_service_and_records_the_generation() -> None:
     decision = ro.decide(adep(), {}, ro.Observed(now=NOW, finetune=finetune(A)))
     assert isinstance(decision.actions[0], ro.EnsureService)

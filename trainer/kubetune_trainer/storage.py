@@ -98,6 +98,9 @@ class S3Settings:
     region: str = "us-east-1"
     # Tries per call; waits between them double from 0.5 s up to 8 s (6 tries span ~15 s).
     attempts: int = 6
+    # Per request; the operator uses short ones, so one tenant's unreachable store cannot hold it up.
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
     # Explicit credentials (the operator reads a FineTune's Secret); None: the environment's.
     access_key: str | None = field(default=None, repr=False)
     secret_key: str | None = field(default=None, repr=False)
@@ -145,8 +148,8 @@ def _new_s3_client(settings: S3Settings) -> Any:
         config=Config(
             # One retry policy, ours (S3Store._call), rather than two multiplying each other.
             retries={"total_max_attempts": 1, "mode": "standard"},
-            connect_timeout=10,
-            read_timeout=60,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
             s3={"addressing_style": "path"},
             signature_version="s3v4",
         ),

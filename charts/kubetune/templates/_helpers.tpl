@@ -65,6 +65,8 @@ per-namespace Roles cannot drift apart. The operator needs exactly:
   kubetune.io  finetunes/status           patch
   kubetune.io  adapterdeployments         list watch   (never patched outside status: no kopf state)
   kubetune.io  adapterdeployments/status  patch
+  kubetune.io  finetunes/finalizers           update   (blockOwnerDeletion in owner references, where
+  kubetune.io  adapterdeployments/finalizers  update   (OwnerReferencesPermissionEnforcement is on, e.g. OpenShift)
   kubetune.io  finetunetemplates          get   (cluster-scoped: always a ClusterRole)
   batch        jobs                       get list watch create patch   (owners' GC deletes them)
   ""           configmaps                 get create
@@ -91,6 +93,9 @@ about a minute at start-up, logging 403s, before falling back.
 - apiGroups: ["kubetune.io"]
   resources: ["finetunes/status", "adapterdeployments/status"]
   verbs: ["patch"]
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunes/finalizers", "adapterdeployments/finalizers"]
+  verbs: ["update"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch"]

@@ -12,6 +12,7 @@ comes out. Two runtimes:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -329,10 +330,7 @@ def build_deployment(
             "name": deployment_name(name, role),
             "namespace": adep.metadata["namespace"],
             "labels": pod_labels,
-            "annotations": {
-                "kubetune.io/revision": str(revision),
-                "kubetune.io/adapter-digest": candidate.adapter_digest,
-            },
+            "annotations": revision_annotations(candidate, revision),
             "ownerReferences": [owner_reference(adep)],
         },
         "spec": {
@@ -354,6 +352,39 @@ def build_deployment(
             },
         },
     }
+
+
+REVISION_ANNOTATION = "kubetune.io/revision"
+
+
+def revision_annotations(candidate: Candidate, revision: int) -> dict[str, str]:
+    """What a serving Deployment records of the revision it serves: enough to rebuild the revision's record
+    from the Deployment alone (status follows what the cluster shows, even after an interrupted rollout)."""
+    notes = {
+        REVISION_ANNOTATION: str(revision),
+        "kubetune.io/adapter-digest": candidate.adapter_digest,
+        "kubetune.io/adapter-uri": candidate.adapter_uri,
+        "kubetune.io/fine-tune": candidate.fine_tune,
+        "kubetune.io/fine-tune-uid": candidate.fine_tune_uid,
+        "kubetune.io/metrics": json.dumps(candidate.metrics, sort_keys=True) if candidate.metrics else None,
+    }
+    return {k: v for k, v in notes.items() if v}
+
+
+def revision_from_annotations(annotations: dict[str, str], now: str) -> dict[str, Any] | None:
+    """The revision record a Deployment's annotations describe (None when they describe none)."""
+    try:
+        number = int(annotations[REVISION_ANNOTATION])
+        candidate = Candidate(
+            adapter_uri=annotations["kubetune.io/adapter-uri"],
+            adapter_digest=annotations["kubetune.io/adapter-digest"],
+            fine_tune=annotations.get("kubetune.io/fine-tune"),
+            fine_tune_uid=annotations.get("kubetune.io/fine-tune-uid"),
+            metrics={str(k): str(v) for k, v in json.loads(annotations.get("kubetune.io/metrics") or "{}").items()},
+        )
+    except (KeyError, ValueError, AttributeError):
+        return None
+    return revision_record(candidate, number, now)
 
 
 def build_service(adep: AdapterDeployment, settings: OperatorSettings) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from kubetune.builders.security import credentials_env, restricted_container, re
 from kubetune.builders.settings import OperatorSettings
 from kubetune.builders.trainer_config import build_trainer_config
 from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.contract import NON_RETRYABLE
+from kubetune_trainer.contract import NON_RETRYABLE, ExitCode
 
 TRAINER_CONTAINER = "trainer"
 CONFIG_MOUNT = "/etc/kubetune"
@@ -144,6 +144,12 @@ def plan(
             raise TemplateViolationError(
                 f"spec.{field}: file:// URIs only work with `kubetune run` on one machine; use s3://, pvc:// or hf://"
             )
+    endpoint = spec.storage.endpoint
+    allowed = settings.allowed_storage_endpoints
+    if allowed and endpoint and not endpoint.startswith(allowed):
+        raise TemplateViolationError(
+            f"spec.storage.endpoint {endpoint} is not one this operator may use ({', '.join(allowed)})"
+        )
     if not spec.output.uri:
         raise TemplateViolationError(
             "spec.output.uri is not set and the operator has no default output (set defaultOutputUri in the chart)"
@@ -293,6 +299,16 @@ def build_job(finetune: FineTune, plan: Plan, settings: OperatorSettings) -> dic
                         "values": [int(code) for code in NON_RETRYABLE],
                     },
                 },
+                # The store was unreachable for longer than the trainer waits: try again, without
+                # spending the retry budget (the next pod resumes from the newest checkpoint).
+                {
+                    "action": "Ignore",
+                    "onExitCodes": {
+                        "containerName": TRAINER_CONTAINER,
+                        "operator": "In",
+                        "values": [int(ExitCode.STORAGE_UNAVAILABLE)],
+                    },
+                },
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]
         },
@@ -340,6 +356,16 @@ def job_gpus(job: dict[str, Any], gpu_resource_name: str) -> int:
         for c in pod.get("containers") or []
     )
     return per_pod * int(spec.get("parallelism") or 1)
+
+
+def job_memory_limit(job: dict[str, Any]) -> str | None:
+    """The trainer container's memory limit, as the Job asks for it."""
+    pod = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+    for c in pod.get("containers") or []:
+        if c.get("name") == TRAINER_CONTAINER:
+            limit = ((c.get("resources") or {}).get("limits") or {}).get("memory")
+            return str(limit) if limit else None
+    return None
 
 
 def build_headless_service(finetune: FineTune, settings: OperatorSettings) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from kubetune.builders.adapterdeployment import (
     Role,
     check_gates,
     resolve_source,
+    revision_from_annotations,
     revision_record,
 )
 from kubetune.builders.status import set_condition
@@ -94,6 +95,7 @@ class Observed:
     canary: dict[str, Any] | None = None  # the canary Deployment
     finetune: dict[str, Any] | None = None  # the FineTune spec.adapter.fineTuneRef names
     canary_pods: list[dict[str, Any]] = field(default_factory=list)
+    stable_pods: list[dict[str, Any]] = field(default_factory=list)  # read when the stable one is not available
     eval_job: dict[str, Any] | None = None  # the online eval Job of the canary revision in status
     eval_message: str | None = None  # its pods' termination message, when it failed
 
@@ -239,6 +241,7 @@ class _Step:
         self.actions.append(EnsureService())
         ready = (self.seen.stable or {}).get("status") or {}
         self.new["readyReplicas"] = int(ready.get("readyReplicas") or 0)
+        self.follow_the_stable_deployment()
         resolution = resolve_source(self.adep, self.seen.finetune)
         if resolution.waiting:
             return self.waiting(resolution.waiting)
@@ -266,6 +269,22 @@ class _Step:
             return self.promote(candidate, revision_record(candidate, self.next_revision(), self.now))
         return self.canary_step(candidate)
 
+    def follow_the_stable_deployment(self) -> None:
+        """Status follows what the cluster shows: if the stable Deployment serves another revision than
+        status says (an operator stopped between rolling it and writing status), that revision is stable."""
+        served = revision_from_annotations((self.seen.stable or {}).get("metadata", {}).get("annotations") or {},
+                                           self.now)  # fmt: skip
+        if served is None or (self.stable is not None and self.stable["revision"] == served["revision"]):
+            return
+        previous = self.stable
+        self.stable = served
+        if self.canary is not None and self.canary["revision"] == served["revision"]:
+            self.canary = None
+        self.history = [h for h in self.history if h["revision"] != served["revision"]]
+        if previous is not None:
+            self.remember("Superseded", previous, "Replaced", f"replaced by revision {served['revision']}")
+        self.remember("Promoted", served, "Recovered", "the stable Deployment serves it")
+
     def serving(self, message: str) -> Decision:
         """Steady serving of the stable revision (after any rollout)."""
         if self.stable is not None and available(self.stable_dep, self.replicas):
@@ -275,9 +294,26 @@ class _Step:
             self.new.pop("progressingSince", None)
             served = self.spec.served_model_name
             return self.finish("Healthy", message or f"revision {self.stable['revision']} serves {served}")
+        deadline = self.spec.rollout.progress_deadline_seconds
+        since = self.new.setdefault("progressingSince", self.now)  # also when serving pods went away later
+        if self.stable is not None and seconds_since(since, parse_time(self.now)) > deadline:
+            return self.stable_not_ready(deadline)
         self.cond("Ready", False, "RollingOut", "the stable Deployment is rolling out")
         self.cond("Reconciling", True, "RollingOut", "")
         return self.finish("Progressing", message or "the stable Deployment is rolling out")
+
+    def stable_not_ready(self, deadline: int) -> Decision:
+        """The stable revision did not become ready in time: Degraded, with the pods' reason. Pods of an
+        earlier revision keep serving (the Deployment never takes one down before its replacement is up)."""
+        assert self.stable is not None
+        why = crash_looping(self.seen.stable_pods) or f"not ready within {deadline}s"
+        message = f"revision {self.stable['revision']} is not serving: {why}"
+        self.cond("Ready", False, "StableNotReady", message)
+        self.cond("Stalled", True, "StableNotReady", message)
+        self.cond("Reconciling", False, "StableNotReady", "")
+        older = int(((self.seen.stable or {}).get("status") or {}).get("readyReplicas") or 0)
+        keeps = f"; {older} pod(s) of the previous revision keep serving" if older else ""
+        return self.finish("Degraded", message + keeps)
 
     def waiting(self, message: str) -> Decision:
         self.cond("Reconciling", True, "WaitingForFineTune", message)

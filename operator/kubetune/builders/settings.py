@@ -35,6 +35,11 @@ class OperatorSettings:
     default_storage_secret: str | None = None
     """Name of the credentials Secret (in the FineTune's namespace) when spec.storage.secretRef is unset."""
 
+    allowed_storage_endpoints: tuple[str, ...] = ()
+    """S3 endpoints (URL prefixes) FineTunes and AdapterDeployments may name; empty: any. The operator reads
+    progress and manifests from these stores with the tenants' credentials, so a platform team can keep it
+    from talking to anything else."""
+
     default_queue: str | None = None
     """Kueue LocalQueue for FineTunes without runPolicy.queueName."""
 
@@ -49,6 +54,13 @@ class OperatorSettings:
 
     status_interval_seconds: float = 5.0
     """How often the operator mirrors progress.json into status while a run is active."""
+
+    stalled_after_seconds: float = 300.0
+    """A running FineTune with no progress report for this long is marked Stalled, with the pods' reason."""
+
+    artifact_delete_timeout_seconds: float = 600.0
+    """How long the operator keeps trying to delete a FineTune's artifacts (output.retention: Delete) before
+    it lets the FineTune go and leaves them, with a Warning Event naming where they are."""
 
     run_as_user: int = 65532
     """UID of training pods (they always run as non-root)."""
@@ -72,8 +84,8 @@ class OperatorSettings:
             if raw is None or raw == "":
                 continue
             default = f.default
-            if f.name == "trainer_command":
-                values[f.name] = tuple(raw.split())
+            if f.name in ("trainer_command", "allowed_storage_endpoints"):
+                values[f.name] = tuple(raw.replace(",", " ").split())
             elif f.name == "extra_labels":
                 values[f.name] = dict(item.split("=", 1) for item in raw.split(",") if "=" in item)
             elif isinstance(default, bool):

@@ -271,18 +271,31 @@ def observe(status: dict[str, Any], seen: Observation, *, generation: int | None
 
 
 def failed_status(
-    status: dict[str, Any], reason: str, message: str, *, generation: int | None, now: str, terminal: bool
+    status: dict[str, Any],
+    reason: str,
+    message: str,
+    *,
+    generation: int | None,
+    now: str,
+    terminal: bool,
+    condition: str = "Validated",
 ) -> dict[str, Any]:
-    """Status for a FineTune that cannot start: Failed (terminal) or Pending with the reason (it may recover)."""
+    """Status for a FineTune that cannot go on: Failed (terminal) or Pending with the reason (it may recover).
+
+    ``condition`` is the one the failure belongs to: Validated before a Job exists, Trained for a
+    run stopped by the operator (out of memory).
+    """
     new = dict(status)
     new["observedGeneration"] = generation
     new["message"] = message[:4096]
     conditions = status.get("conditions") or []
-    conditions = set_condition(conditions, "Validated", False, reason, message, generation=generation, now=now)
+    conditions = set_condition(conditions, condition, False, reason, message, generation=generation, now=now)
     conditions = set_condition(conditions, "Ready", False, reason, message, generation=generation, now=now)
     if terminal:
         new["phase"] = "Failed"
         new.setdefault("completionTime", now)
+        if "adapter" in new:
+            new["adapter"] = {**new["adapter"], "promotable": False}
         conditions = set_condition(conditions, "Succeeded", False, reason, message, generation=generation, now=now)
         conditions = set_condition(conditions, "Stalled", True, reason, message, generation=generation, now=now)
         conditions = set_condition(conditions, "Reconciling", False, reason, "", generation=generation, now=now)
@@ -312,4 +325,53 @@ def validated(
     )
     conditions = set_condition(conditions, "Reconciling", True, "JobCreated", "", generation=generation, now=now)
     new["conditions"] = conditions
+    return new
+
+
+# Pod states that do not go away by themselves (or not soon): what a person must fix.
+_STUCK_WAITING = {
+    "CreateContainerConfigError": "a Secret or ConfigMap the pod needs is missing",
+    "CreateContainerError": "the container could not be created",
+    "ImagePullBackOff": "the image cannot be pulled",
+    "ErrImagePull": "the image cannot be pulled",
+    "InvalidImageName": "the image name is invalid",
+}
+
+
+def why_stuck(pods: list[dict[str, Any]]) -> tuple[str | None, str]:
+    """The reason and message of the first pod that cannot make progress by itself, if any."""
+    for pod in pods:
+        status = pod.get("status") or {}
+        for c in status.get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+                return "Unschedulable", f"pod {pod['metadata']['name']}: {c.get('message', 'cannot be scheduled')}"
+        for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            hint = _STUCK_WAITING.get(str(waiting.get("reason")))
+            if hint:
+                detail = waiting.get("message") or hint
+                return str(waiting["reason"]), f"pod {pod['metadata']['name']}: {detail}"
+    return None, ""
+
+
+def stalled(status: dict[str, Any], reason: str, message: str, *, generation: int | None, now: str) -> dict[str, Any]:
+    """A running FineTune that makes no progress: Stalled with the reason; the phase stays (it may recover)."""
+    new = dict(status)
+    new["observedGeneration"] = generation
+    new["message"] = f"stalled: {message}"[:4096]
+    conditions = set_condition(
+        status.get("conditions"), "Stalled", True, reason, message, generation=generation, now=now
+    )
+    new["conditions"] = set_condition(conditions, "Ready", False, reason, message, generation=generation, now=now)
+    return new
+
+
+def waiting(status: dict[str, Any], reason: str, message: str, *, generation: int | None, now: str) -> dict[str, Any]:
+    """A running FineTune waiting on something outside it (the store): Reconciling with the reason."""
+    new = dict(status)
+    new["observedGeneration"] = generation
+    new["message"] = message[:4096]
+    new["conditions"] = set_condition(
+        status.get("conditions"), "Reconciling", True, reason, message, generation=generation, now=now
+    )
     return new

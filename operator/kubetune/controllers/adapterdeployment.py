@@ -82,9 +82,12 @@ class AdapterDeploymentController:
                     (c.get("message") for c in (eval_job or {}).get("status", {}).get("conditions") or []
                      if c.get("type") == "Failed"), ""
                 )  # fmt: skip
+        stable = self.kube.read_deployment(ns, build.deployment_name(name, "stable"))
+        settling = stable is not None and not ro.available(stable, adep.spec.runtime.replicas)
         return ro.Observed(
             now=now_iso(),
-            stable=self.kube.read_deployment(ns, build.deployment_name(name, "stable")),
+            stable=stable,
+            stable_pods=self.kube.pods(ns, build.selector(adep, "stable")) if settling else [],
             canary=self.kube.read_deployment(ns, build.deployment_name(name, "canary")),
             finetune=self.kube.get_custom("finetunes", ns, ref.name) if ref else None,
             canary_pods=self.kube.pods(ns, build.selector(adep, "canary")) if canary is not None else [],

@@ -23,8 +23,10 @@ Writes per FineTune up to its Job: ConfigMap, Job, one status patch.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from functools import partial
 from typing import Any
 
@@ -44,7 +46,7 @@ from kubetune.controllers import metrics
 from kubetune.controllers.kube import ForeignObjectError, KubeAPI, StatusBook, changed_fields, s3_settings
 from kubetune.controllers.scheduler import Scheduler
 from kubetune_trainer import storage
-from kubetune_trainer.contract import Progress, Summary, now_iso, seconds_since
+from kubetune_trainer.contract import Progress, Summary, now_iso, seconds_since, summary_from_manifest
 
 log = logging.getLogger("kubetune.finetune")
 FT = (API_GROUP, API_VERSION, "finetunes")
@@ -53,6 +55,8 @@ PLURAL = "finetunes"
 # (a FineTune being deleted loses its Job first; its own DELETED event cancels the relaunch).
 RELAUNCH_DELAY_S = 2.0
 MAX_RETRY_DELAY_S = 60.0
+# The store not answering the progress poll for this long is said in status (the trainer waits for it).
+STORAGE_DOWN_AFTER_S = 30.0
 
 
 class RetryError(Exception):
@@ -108,6 +112,28 @@ def job_storage(job: dict[str, Any]) -> tuple[str | None, str | None, str, str |
     )
 
 
+class EndpointBreaker:
+    """Stores that just failed are left alone for a while, so one tenant's unreachable (or black-holed)
+    endpoint costs the shared poll threads one bounded attempt per ``cooldown``, not one per FineTune per poll."""
+
+    def __init__(self, cooldown: float = 15.0) -> None:
+        self.cooldown = cooldown
+        self._open_until: dict[str | None, float] = {}
+        self._lock = threading.Lock()
+
+    def is_open(self, endpoint: str | None) -> bool:
+        with self._lock:
+            return self._open_until.get(endpoint, 0.0) > time.monotonic()
+
+    def failed(self, endpoint: str | None) -> None:
+        with self._lock:
+            self._open_until[endpoint] = time.monotonic() + self.cooldown
+
+    def succeeded(self, endpoint: str | None) -> None:
+        with self._lock:
+            self._open_until.pop(endpoint, None)
+
+
 class FineTuneController:
     """Reconciles FineTunes to Jobs and mirrors the Jobs back into status.
 
@@ -125,6 +151,10 @@ class FineTuneController:
         self.failures: dict[str, int] = {}  # uid -> consecutive failed reconciles, for the back-off
         self.suspend_sent: dict[str, bool] = {}  # uid -> a suspend patch whose Job event has not come back
         self.running: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # uid -> (FineTune, Job) polled
+        self.jobs: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # uid -> (FineTune, newest Job) followed
+        self.failed_seen: dict[str, int] = {}  # uid -> the Job's failed pods when last checked for OOMKilled
+        self.store_down: dict[str, tuple[float, str]] = {}  # uid -> (since, error) while its store does not answer
+        self.breaker = EndpointBreaker()
 
     # ------------------------------------------------------------------ status
 
@@ -218,12 +248,17 @@ class FineTuneController:
             return
         self.scheduler.call_later(("retry", uid), delay, partial(self.reconcile_safely, obj, None))
 
-    def stop(self, obj: dict[str, Any], reason: str, message: str, *, terminal: bool) -> None:
-        """Record why the FineTune cannot start: Failed (``terminal``) or Pending with the reason."""
+    def stop(
+        self, obj: dict[str, Any], reason: str, message: str, *, terminal: bool, condition: str = "Validated"
+    ) -> None:
+        """Record why the FineTune cannot go on: Failed (``terminal``) or Pending with the reason."""
         generation = obj["metadata"].get("generation")
+        now = now_iso()
         self.update_status(
             obj,
-            lambda cur: st.failed_status(cur, reason, message, generation=generation, now=now_iso(), terminal=terminal),
+            lambda cur: st.failed_status(
+                cur, reason, message, generation=generation, now=now, terminal=terminal, condition=condition
+            ),
         )
 
     def plan(self, obj: dict[str, Any]) -> build.Plan | None:
@@ -318,10 +353,18 @@ class FineTuneController:
         """The FineTune is gone: drop what this process knew of it."""
         metrics.finetune_phase(namespace, name, None)
         self.book.forget(uid)
-        for state in (self.launched, self.failures, self.suspend_sent, self.running):
+        for state in (
+            self.launched,
+            self.failures,
+            self.suspend_sent,
+            self.running,
+            self.jobs,
+            self.failed_seen,
+            self.store_down,
+        ):
             state.pop(uid, None)
-        self.scheduler.cancel(("retry", uid))
-        self.scheduler.cancel(("progress", uid))
+        for work in ("retry", "progress", "follow"):
+            self.scheduler.cancel((work, uid))
 
     def on_finetune_event(self, event_type: str, obj: dict[str, Any], job: dict[str, Any] | None) -> None:
         meta_ = obj["metadata"]
@@ -341,43 +384,110 @@ class FineTuneController:
         """An event of a FineTune's Job (``obj``: the owning FineTune as last seen)."""
         uid = obj["metadata"]["uid"]
         if event_type == "DELETED":
+            self.jobs.pop(uid, None)
             self.stop_polling(uid)
+            self.scheduler.cancel(("follow", uid))
             if self.launched.get(uid) == job["metadata"]["name"]:
                 self.launched.pop(uid, None)
             if not self.terminal(obj):
                 self.scheduler.call_later(("retry", uid), RELAUNCH_DELAY_S, partial(self.relaunch, obj))
             return
-        if not self.terminal(obj):
+        if self.terminal(obj):
+            return
+        self.jobs[uid] = (obj, job)
+        self.follow_safely(uid)
+
+    def follow_safely(self, uid: str) -> None:
+        """Follow the newest Job seen; on a failure (an API or storage error) try again with back-off.
+
+        kopf does not retry event handlers, and a Job's last event may be the only one: a status
+        write that fails when the Job completes must not leave the FineTune unfinished.
+        """
+        seen = self.jobs.get(uid)
+        if seen is None:
+            return
+        obj, job = seen
+        try:
             self.follow_job(obj, job)
+        except Exception as e:
+            self.failures[uid] = self.failures.get(uid, 0) + 1
+            delay = min(MAX_RETRY_DELAY_S, 2.0 ** self.failures[uid])
+            log.warning("%s/%s: following its Job failed (%s: %s); trying again in %gs", obj["metadata"]["namespace"],
+                        obj["metadata"]["name"], type(e).__name__, getattr(e, "reason", None) or e, delay)  # fmt: skip
+            self.scheduler.call_later(("follow", uid), delay, partial(self.follow_safely, uid))
+            return
+        self.failures.pop(uid, None)
+        self.scheduler.cancel(("follow", uid))
 
     def follow_job(self, obj: dict[str, Any], job: dict[str, Any]) -> None:
         """Mirror the Job into status; when it ends, read the trainer's summary; poll progress while it runs."""
         uid = obj["metadata"]["uid"]
         ended = job_ended(job)
-        summary, reason = None, None
-        if ended:
-            summary, reason = summary_from_pods(
-                self.kube.job_pods(obj["metadata"]["namespace"], job["metadata"]["name"])
-            )
+        summary, reason = self.final_summary(obj, job) if ended else (None, None)
+        if not ended and self.out_of_memory(obj, job):
+            return
         new = self.observe(obj, job, summary=summary, container_reason=reason)
         if new.get("phase") in st.TERMINAL_PHASES:
+            self.jobs.pop(uid, None)
             self.stop_polling(uid)
             if ended and new.get("startTime"):
                 gpus = build.job_gpus(job, self.settings.gpu_resource_name)
                 metrics.GPU_HOURS.inc(gpus * seconds_since(str(new["startTime"])) / 3600)
             return
         if not ended:
-            try:
-                self.sync_suspend(obj, job)
-            except ApiException as e:
-                log.warning("%s/%s: could not set the Job's suspend: %s", obj["metadata"]["namespace"],
-                            job["metadata"]["name"], e.reason)  # fmt: skip
+            self.sync_suspend(obj, job)
         if not ended and int((job.get("status") or {}).get("active") or 0) and not job["spec"].get("suspend"):
             self.running[uid] = (obj, job)
             poll = partial(self.poll_progress, uid)
             self.scheduler.call_later(("progress", uid), self.settings.status_interval_seconds, poll, keep_earlier=True)
         else:
             self.stop_polling(uid)
+
+    def final_summary(self, obj: dict[str, Any], job: dict[str, Any]) -> tuple[Summary | None, str | None]:
+        """What the run said when it ended: its pods' termination summary, else its manifest.json.
+
+        The manifest is the record of a run that published: it stands in when the termination
+        message is missing (the pods are gone) or was cut to its 4 KiB limit (no adapter in it).
+        A store that cannot be read raises: the caller tries again rather than guessing.
+        """
+        summary, reason = summary_from_pods(self.kube.job_pods(obj["metadata"]["namespace"], job["metadata"]["name"]))
+        if summary is not None and summary.adapter is not None and summary.evaluation is not None:
+            return summary, reason
+        run, endpoint, region, secret = job_storage(job)
+        if not run:
+            return summary, reason
+        settings = self.storage_settings(obj["metadata"]["namespace"], endpoint, region, secret)
+        manifest_uri = storage.join(run, "manifest.json")
+        try:
+            manifest = storage.read_json(manifest_uri, settings)
+        except storage.NotFoundError:
+            return summary, reason  # nothing was published: the summary (or its absence) says why
+        run_id = (job["metadata"].get("annotations") or {}).get(build.RUN_ID_ANNOTATION, "")
+        return summary_from_manifest(manifest, manifest_uri, run_id), reason
+
+    def out_of_memory(self, obj: dict[str, Any], job: dict[str, Any]) -> bool:
+        """A trainer container was OOMKilled: fail now, naming the memory to raise, instead of retrying.
+
+        A retry gets the same memory and dies the same way; the Job is suspended so it stops trying.
+        """
+        uid = obj["metadata"]["uid"]
+        failed = int((job.get("status") or {}).get("failed") or 0)
+        if failed <= self.failed_seen.get(uid, 0):
+            return False  # no new failed pod since the last look
+        self.failed_seen[uid] = failed
+        _, reason = summary_from_pods(self.kube.job_pods(obj["metadata"]["namespace"], job["metadata"]["name"]))
+        if reason != "OOMKilled":
+            return False
+        limit = build.job_memory_limit(job)
+        message = (
+            f"the trainer was killed for using more than its memory limit ({limit}); raise spec.resources.memory"
+            if limit
+            else "the trainer was killed for running out of memory; set spec.resources.memory higher"
+        ) + " or lower training.batchSize / maxSeqLength, or enable gradientCheckpointing"
+        self.stop(obj, "OutOfMemory", message, terminal=True, condition="Trained")
+        self.kube.patch_job(obj["metadata"]["namespace"], job["metadata"]["name"], {"spec": {"suspend": True}})
+        self.stop_polling(obj["metadata"]["uid"])
+        return True
 
     def stop_polling(self, uid: str) -> None:
         self.running.pop(uid, None)
@@ -404,28 +514,82 @@ class FineTuneController:
     def storage_settings(
         self, namespace: str, endpoint: str | None, region: str, secret: str | None
     ) -> storage.S3Settings:
-        return s3_settings(self.kube.secret_data(namespace, secret) if secret else None, endpoint, region)
+        """The FineTune's store, with its credentials; never the operator's own (a missing Secret is an error)."""
+        data = self.kube.secret_data(namespace, secret) if secret else None
+        if secret and data is None:
+            raise storage.StorageError(f"the credentials Secret {namespace}/{secret} does not exist")
+        return s3_settings(data, endpoint, region)
 
     def poll_progress(self, uid: str) -> None:
-        """Mirror ``progress.json`` of a running Job into status, then poll again after the interval."""
+        """Mirror ``progress.json`` of a running Job into status, then poll again after the interval.
+
+        Never stops on an error (an unreadable store, a refused status write): the next poll tries again.
+        """
         current = self.running.get(uid)
         if current is None:
             return  # the Job ended, was suspended or went away
         obj, job = current
-        run, endpoint, region, secret = job_storage(job)
-        if run:
-            namespace = obj["metadata"]["namespace"]
-            try:
-                raw = storage.read_json(
-                    storage.join(run, "progress.json"), self.storage_settings(namespace, endpoint, region, secret)
-                )
-            except storage.StorageError:
-                raw = None  # not written yet, or the store is briefly away: the next poll tries again
-            if raw:
-                self.observe(obj, job, progress=Progress.model_validate(raw))
+        try:
+            progress = self.read_progress(obj, job)
+            if progress is not None:
+                self.observe(obj, job, progress=progress)
+            self.check_stalled(obj, job, progress)
+            self.check_storage(obj, uid)
+        except Exception as e:
+            log.warning("%s/%s: progress poll failed (%s: %s)", obj["metadata"]["namespace"], obj["metadata"]["name"],
+                        type(e).__name__, getattr(e, "reason", None) or e)  # fmt: skip
         if uid in self.running:
             poll = partial(self.poll_progress, uid)
             self.scheduler.call_later(("progress", uid), self.settings.status_interval_seconds, poll)
+
+    def read_progress(self, obj: dict[str, Any], job: dict[str, Any]) -> Progress | None:
+        """The run's progress.json; None when it is not there yet or the store does not answer."""
+        uid = obj["metadata"]["uid"]
+        run, endpoint, region, secret = job_storage(job)
+        if not run:
+            return None
+        if self.breaker.is_open(endpoint):
+            return None  # that store failed a moment ago: no thread waits on it again yet
+        settings = self.storage_settings(obj["metadata"]["namespace"], endpoint, region, secret)
+        try:
+            raw = storage.read_json(storage.join(run, "progress.json"), settings)
+        except storage.NotFoundError:
+            self.store_down.pop(uid, None)
+            return None
+        except storage.StorageError as e:
+            self.breaker.failed(endpoint)
+            first, _ = self.store_down.get(uid, (time.monotonic(), ""))
+            self.store_down[uid] = (first, str(e))
+            return None
+        self.breaker.succeeded(endpoint)
+        self.store_down.pop(uid, None)
+        return Progress.model_validate(raw) if isinstance(raw, dict) else None
+
+    def check_storage(self, obj: dict[str, Any], uid: str) -> None:
+        """The store has not answered for a while: say so in status while the run waits for it."""
+        down = self.store_down.get(uid)
+        if down is None or time.monotonic() - down[0] < STORAGE_DOWN_AFTER_S:
+            return
+        message = f"waiting for the artifact store (unreachable for {int(time.monotonic() - down[0])}s): {down[1]}"
+        generation = obj["metadata"].get("generation")
+        now = now_iso()
+        self.update_status(
+            obj, lambda cur: st.waiting(cur, "StorageUnavailable", message, generation=generation, now=now)
+        )
+
+    def check_stalled(self, obj: dict[str, Any], job: dict[str, Any], progress: Progress | None) -> None:
+        """No progress report for a while: say why the run is stuck (Stalled), as the pods tell it."""
+        since = (progress.updated_at if progress is not None else None) or (job.get("status") or {}).get("startTime")
+        quiet = seconds_since(since) if since else 0.0
+        if quiet < self.settings.stalled_after_seconds:
+            return
+        pods = self.kube.job_pods(obj["metadata"]["namespace"], job["metadata"]["name"])
+        reason, message = st.why_stuck(pods)
+        if reason is None:
+            reason, message = "ProgressStale", f"no progress report for {int(quiet)}s"
+        generation = obj["metadata"].get("generation")
+        now = now_iso()
+        self.update_status(obj, lambda cur: st.stalled(cur, reason, message, generation=generation, now=now))
 
     # ------------------------------------------------------------------ delete
     # The Job, ConfigMap and Service carry ownerReferences: the garbage collector removes
@@ -437,22 +601,54 @@ class FineTuneController:
     def deletes_artifacts(spec: dict[str, Any]) -> bool:
         return bool((spec.get("output") or {}).get("retention") == "Delete")
 
-    def delete_artifacts(self, obj: dict[str, Any]) -> None:
-        """``output.retention: Delete``: remove the run's artifacts before the FineTune goes."""
+    def delete_artifacts(self, obj: dict[str, Any], elapsed: float = 0.0) -> bool:
+        """``output.retention: Delete``: remove the run's artifacts before the FineTune goes.
+
+        True when done: deleted; or the adapter kept because an AdapterDeployment serves it (only
+        checkpoints go); or given up after ``artifact_delete_timeout_seconds`` with a Warning Event
+        naming what stays (a Secret or store gone for good must not keep the FineTune, or its
+        namespace, from going). False: try again.
+        """
         meta_ = obj["metadata"]
-        namespace, name = meta_["namespace"], meta_["name"]
+        namespace, name, uid = meta_["namespace"], meta_["name"], str(meta_["uid"])
         try:
             plan = build.plan(
                 FineTune.model_validate({"metadata": meta_, "spec": obj["spec"]}), obj["spec"], None, self.settings
             )
         except (ValidationError, build.TemplateViolationError):
-            return  # it never ran: nothing was written
-        run = run_prefix(plan.output_root, namespace, name, str(meta_["uid"]))
-        stor = plan.spec.storage
-        settings = self.storage_settings(namespace, stor.endpoint, str(stor.region), plan.secret_name)
-        loc = storage.resolve(run, settings)
-        removed = loc.store.delete_prefix(loc.key)
+            return True  # it never ran: nothing was written
+        run = run_prefix(plan.output_root, namespace, name, uid)
+        try:
+            stor = plan.spec.storage
+            settings = self.storage_settings(namespace, stor.endpoint, str(stor.region), plan.secret_name)
+            loc = storage.resolve(run, settings)
+            served = self.served_by(namespace, uid)
+            if served:
+                checkpoints = storage.resolve(storage.join(run, "checkpoints") + "/", settings)
+                removed = checkpoints.store.delete_prefix(checkpoints.key)
+                kept = f"kept {run}adapter/ and manifest.json: served by AdapterDeployment {', '.join(served)}"
+                self.kube.event(obj, "Normal", "AdapterKept", f"{kept}; deleted {removed} checkpoint files")
+                return True
+            removed = loc.store.delete_prefix(loc.key)
+        except Exception as e:
+            if elapsed < self.settings.artifact_delete_timeout_seconds:
+                log.warning("%s/%s: could not delete its artifacts yet (%s)", namespace, name, e)
+                return False
+            message = f"gave up deleting {run} after {int(elapsed)}s ({e}); the artifacts stay there"
+            self.kube.event(obj, "Warning", "ArtifactsRetained", message)
+            log.warning("%s/%s: %s", namespace, name, message)
+            return True
         log.info("deleted %d artifacts under %s (output.retention: Delete)", removed, run)
+        return True
+
+    def served_by(self, namespace: str, uid: str) -> list[str]:
+        """The AdapterDeployments whose stable or canary revision is this FineTune's adapter."""
+        serving = []
+        for adep in self.kube.list_custom("adapterdeployments", namespace):
+            status = adep.get("status") or {}
+            if any((status.get(role) or {}).get("fineTuneUid") == uid for role in ("stable", "canary")):
+                serving.append(str(adep["metadata"]["name"]))
+        return serving
 
 
 def register(controller: FineTuneController, registry: kopf.OperatorRegistry) -> None:
@@ -486,5 +682,6 @@ def register(controller: FineTuneController, registry: kopf.OperatorRegistry) ->
         return FineTuneController.deletes_artifacts(dict(spec))
 
     @kopf.on.delete(*FT, when=deletes_artifacts, registry=registry)
-    def delete_artifacts(*, body: kopf.Body, **_: Any) -> None:
-        controller.delete_artifacts(snapshot(body))
+    def delete_artifacts(*, body: kopf.Body, runtime: timedelta, **_: Any) -> None:
+        if not controller.delete_artifacts(snapshot(body), runtime.total_seconds()):
+            raise kopf.TemporaryError("the artifacts are not deleted yet", delay=15)

@@ -34,6 +34,7 @@ class KubeAPI(Protocol):
 
     def create_or_adopt(self, manifest: dict[str, Any], owner_uid: str) -> tuple[dict[str, Any], bool]: ...
     def get_custom(self, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None: ...
+    def list_custom(self, plural: str, namespace: str) -> list[dict[str, Any]]: ...
     def patch_status(self, plural: str, namespace: str | None, name: str, status: dict[str, Any]) -> None: ...
     def secret_data(self, namespace: str, name: str) -> dict[str, str] | None: ...
     def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None: ...
@@ -171,6 +172,13 @@ class Kube:
         result: dict[str, Any] = obj  # type: ignore[assignment]
         return result
 
+    def list_custom(self, plural: str, namespace: str) -> list[dict[str, Any]]:
+        listed: dict[str, Any] = self.custom.list_namespaced_custom_object(  # type: ignore[assignment]
+            API_GROUP, API_VERSION, namespace, plural
+        )
+        items: list[dict[str, Any]] = listed["items"]
+        return items
+
     def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
         """The decoded data of a Secret (cached briefly); None when it does not exist."""
         key = (namespace, name)
@@ -257,15 +265,22 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return delta
 
 
-def s3_settings(
-    secret: dict[str, str] | None, endpoint: str | None, region: str, *, attempts: int = 2
-) -> storage.S3Settings:
+# The operator's reads of a tenant's store (progress.json, manifest.json) are small: short timeouts and
+# one retry, so an unreachable or black-holed endpoint costs a poll at most a few seconds of one thread.
+OPERATOR_S3_ATTEMPTS = 2
+OPERATOR_S3_CONNECT_TIMEOUT_S = 2.0
+OPERATOR_S3_READ_TIMEOUT_S = 5.0
+
+
+def s3_settings(secret: dict[str, str] | None, endpoint: str | None, region: str) -> storage.S3Settings:
     """Storage settings with the FineTune's credentials (the operator reads progress and reports with them)."""
     secret = secret or {}
     return storage.S3Settings(
         endpoint=endpoint,
         region=region,
-        attempts=attempts,
+        attempts=OPERATOR_S3_ATTEMPTS,
+        connect_timeout=OPERATOR_S3_CONNECT_TIMEOUT_S,
+        read_timeout=OPERATOR_S3_READ_TIMEOUT_S,
         access_key=secret.get("AWS_ACCESS_KEY_ID"),
         secret_key=secret.get("AWS_SECRET_ACCESS_KEY"),
         session_token=secret.get("AWS_SESSION_TOKEN"),

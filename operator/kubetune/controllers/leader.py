@@ -44,6 +44,7 @@ class LeaderElection:
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _renewer: threading.Thread | None = field(default=None, init=False)
+    _renewed_at: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
         if not self.lease_duration > self.renew_deadline > self.retry_period > 0:
@@ -52,6 +53,11 @@ class LeaderElection:
     @property
     def coordination(self) -> k8s.CoordinationV1Api:
         return k8s.CoordinationV1Api(self.api)
+
+    @property
+    def _timeout(self) -> float:
+        """Per request: a hung call must end well before the renew deadline."""
+        return self.retry_period
 
     @property
     def leading(self) -> bool:
@@ -78,22 +84,30 @@ class LeaderElection:
         return False
 
     def keep(self, on_lost: Callable[[], None]) -> None:
-        """Renew the Lease in a background thread; call ``on_lost`` if it cannot be renewed in time."""
+        """Renew the Lease in a background thread; call ``on_lost`` if it cannot be renewed in time.
+
+        A watchdog thread, not the renewer, decides that the Lease is lost: a renewal whose request
+        hangs (an API server that stopped answering) must not keep this replica leading after a
+        standby has taken over. Renewal requests time out too, after ``retry_period``.
+        """
+        self._renewed_at = time.monotonic()
 
         def renew() -> None:
-            last = time.monotonic()
             while not self._stop.wait(self.retry_period):
                 try:
                     ok = self._try_acquire_or_renew()
                 except ApiException as e:
                     log.warning("renewing Lease %s/%s: %s %s", self.namespace, self.name, e.status, e.reason)
                     ok = False
-                except Exception as e:  # an unreachable API server
+                except Exception as e:  # an unreachable API server, a timed-out request
                     log.warning("renewing Lease %s/%s: %s", self.namespace, self.name, e)
                     ok = False
                 if ok:
-                    last = time.monotonic()
-                elif time.monotonic() - last > self.renew_deadline:
+                    self._renewed_at = time.monotonic()
+
+        def watch() -> None:
+            while not self._stop.wait(min(0.5, self.retry_period / 2)):
+                if time.monotonic() - self._renewed_at > self.renew_deadline:
                     with self._lock:
                         self._leading = False
                     if not self._stop.is_set():
@@ -103,6 +117,7 @@ class LeaderElection:
 
         self._renewer = threading.Thread(target=renew, name="lease-renewer", daemon=True)
         self._renewer.start()
+        threading.Thread(target=watch, name="lease-watchdog", daemon=True).start()
 
     def release(self) -> None:
         """Stop renewing and hand the Lease back (holder cleared), if this replica holds it."""
@@ -114,13 +129,13 @@ class LeaderElection:
                 return
             self._leading = False
         try:
-            lease = self.coordination.read_namespaced_lease(self.name, self.namespace)
+            lease = self.coordination.read_namespaced_lease(self.name, self.namespace, _request_timeout=self._timeout)
             if lease.spec is None or lease.spec.holder_identity != self.identity:
                 return
             lease.spec.holder_identity = None
             lease.spec.lease_duration_seconds = 1
             lease.spec.renew_time = datetime.now(UTC)
-            self.coordination.replace_namespaced_lease(self.name, self.namespace, lease)
+            self.coordination.replace_namespaced_lease(self.name, self.namespace, lease, _request_timeout=self._timeout)
             log.info("%s: released the Lease %s/%s", self.identity, self.namespace, self.name)
         except ApiException as e:
             log.warning("releasing Lease %s/%s: %s %s", self.namespace, self.name, e.status, e.reason)
@@ -129,14 +144,14 @@ class LeaderElection:
         now = datetime.now(UTC)
         coordination = self.coordination
         try:
-            lease = coordination.read_namespaced_lease(self.name, self.namespace)
+            lease = coordination.read_namespaced_lease(self.name, self.namespace, _request_timeout=self._timeout)
         except ApiException as e:
             if e.status != 404:
                 raise
             first = self._spec(now, now, transitions=0)
             body = k8s.V1Lease(metadata=k8s.V1ObjectMeta(name=self.name, namespace=self.namespace), spec=first)
             try:
-                coordination.create_namespaced_lease(self.namespace, body)
+                coordination.create_namespaced_lease(self.namespace, body, _request_timeout=self._timeout)
             except ApiException as e2:
                 if e2.status == 409:
                     return False  # another candidate created it first
@@ -156,7 +171,9 @@ class LeaderElection:
             mine = self._spec(now, now, transitions=(spec.lease_transitions or 0) + 1)
         lease.spec = mine
         try:
-            coordination.replace_namespaced_lease(self.name, self.namespace, lease)  # carries resourceVersion
+            coordination.replace_namespaced_lease(  # carries resourceVersion
+                self.name, self.namespace, lease, _request_timeout=self._timeout
+            )
         except ApiException as e:
             if e.status == 409:
                 return False  # someone else updated it since we read it

@@ -19,6 +19,7 @@ import kopf
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from prometheus_client import start_http_server
+from urllib3.util.retry import Retry
 
 from kubetune.builders.settings import OperatorSettings
 from kubetune.controllers import adapterdeployment, finetune
@@ -31,8 +32,32 @@ from kubetune.controllers.scheduler import Scheduler
 log = logging.getLogger("kubetune")
 
 
+class TimeoutApiClient(k8s.ApiClient):
+    """An API client whose requests all end: ``(connect, read)`` seconds unless a call sets its own.
+
+    Without it a request to an API server that stopped answering hangs a handler thread for
+    good; kopf's own requests and watches have their timeouts in kopf's settings.
+    """
+
+    def __init__(self, configuration: k8s.Configuration, timeout: tuple[float, float]) -> None:
+        # urllib3 would retry a timed-out read three times (a hung call then lasts four read timeouts,
+        # and a POST may be sent twice); only connection failures are retried here, the rest by the
+        # controllers' own back-off.
+        configuration.retries = Retry(total=2, connect=2, read=0, status=0, redirect=0)
+        super().__init__(configuration)
+        self.default_timeout = timeout
+
+    def call_api(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) < 6 and kwargs.get("_request_timeout") is None:
+            kwargs["_request_timeout"] = self.default_timeout
+        return super().call_api(*args, **kwargs)
+
+
+API_TIMEOUT = (5.0, 30.0)  # connect, read
+
+
 def api_client(workers: int = 8) -> k8s.ApiClient:
-    """In-cluster credentials when running in a pod, else the kubeconfig ($KUBECONFIG)."""
+    """In-cluster credentials when running in a pod, else the kubeconfig ($KUBECONFIG); every request times out."""
     try:
         k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
     except k8s_config.ConfigException:
@@ -40,7 +65,7 @@ def api_client(workers: int = 8) -> k8s.ApiClient:
     configuration = k8s.Configuration.get_default_copy()
     # One connection per handler thread, or requests queue for a free connection under load.
     configuration.connection_pool_maxsize = max(configuration.connection_pool_maxsize or 0, workers * 2)
-    return k8s.ApiClient(configuration)
+    return TimeoutApiClient(configuration, API_TIMEOUT)
 
 
 def build_registry(operator_settings: OperatorSettings, *, workers: int) -> kopf.OperatorRegistry:
@@ -71,6 +96,9 @@ def build_registry(operator_settings: OperatorSettings, *, workers: int) -> kopf
         settings.batching.batch_window = 0.01
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
+        settings.watching.connect_timeout = API_TIMEOUT[0]
+        settings.networking.connect_timeout = API_TIMEOUT[0]
+        settings.networking.request_timeout = API_TIMEOUT[1]
         kube.warm_up()
         scheduler.start()
 
