@@ -15,6 +15,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import boto3
 from botocore.config import Config
@@ -40,6 +41,11 @@ class S3Server:
             "s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], log_dir
         )
         return cls(f"http://127.0.0.1:{port}", service)
+
+    @property
+    def host(self) -> str:
+        """The address it listens on (a fault proxy in front of it listens there too, so pods reach both)."""
+        return urlparse(self.endpoint_url).hostname or "127.0.0.1"
 
     def _answers(self) -> bool:
         try:

@@ -181,3 +181,29 @@ def test_online_eval_job() -> None:
     assert command[command.index("--endpoint") + 1] == "http://10.0.0.7:8000"
     assert command[command.index("--min") + 1] == "0.8"
     assert job["metadata"]["name"] == "support-bot-eval-r4"
+
+
+def test_pvc_base_model_and_adapter_are_mounted_where_fetch_reads_them() -> None:
+    a = adep(baseModel={"uri": "pvc://models/tiny/"})
+    candidate = build.Candidate("pvc://adapters/run-1/adapter/", DIGEST)
+    d = build.build_deployment(a, candidate, 1, "stable", 1, SETTINGS)
+    pod = d["spec"]["template"]["spec"]
+    claims = sorted(v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v)
+    assert claims == ["adapters", "models"]
+    for init in pod["initContainers"]:
+        paths = {m["mountPath"]: m["readOnly"] for m in init["volumeMounts"] if "readOnly" in m}
+        assert paths == {"/mnt/pvc/models": True, "/mnt/pvc/adapters": True}
+
+
+def test_user_values_are_never_expanded_by_kubernetes() -> None:
+    """A $(VAR) in a URI that got past admission (an older CRD) is passed on literally, never expanded."""
+    a = build.resolved(
+        adep(storage={"endpoint": "http://minio/$(AWS_SECRET_ACCESS_KEY)", "secretRef": {"name": "s3"}}), SETTINGS
+    )
+    candidate = build.Candidate("s3://adapters/$(AWS_SECRET_ACCESS_KEY)/", DIGEST)
+    d = build.build_deployment(a, candidate, 1, "stable", 1, SETTINGS)
+    for init in d["spec"]["template"]["spec"]["initContainers"]:
+        words = " ".join(init["command"]) + " ".join(str(e.get("value", "")) for e in init["env"])
+        assert "$(AWS_SECRET_ACCESS_KEY)" not in words.replace("$$(", "")
+    fetch = d["spec"]["template"]["spec"]["initContainers"][1]["command"]
+    assert "s3://adapters/$$(AWS_SECRET_ACCESS_KEY)/" in fetch

@@ -162,13 +162,17 @@ def test_run_policy() -> None:
     assert spec["suspend"] is True
 
 
-def test_pod_failure_policy_fails_fast_on_bad_input_and_ignores_disruptions() -> None:
+def test_pod_failure_policy_fails_fast_on_bad_input_and_ignores_disruptions_and_storage_outages() -> None:
     rules = job_for()["spec"]["podFailurePolicy"]["rules"]
     assert rules[0] == {
         "action": "FailJob",
         "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [10, 11, 12]},
     }
-    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert rules[1] == {
+        "action": "Ignore",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [75]},
+    }
+    assert rules[2] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
 
 
 def test_kueue_queue_creates_the_job_suspended_with_the_label() -> None:
@@ -539,3 +543,28 @@ def test_launched_only_once_validated_reached_status() -> None:
     done = st.validated(observed, "x-train", "run-1", generation=1, now=NOW)
     assert st.launched(done, "x-train")
     assert not st.launched(done, "other-train")
+
+
+def test_pvc_uris_are_mounted_read_only_except_the_output() -> None:
+    job = job_for(
+        baseModel={"uri": "pvc://models/llama/"},
+        dataset={"train": "pvc://data/support/train.jsonl", "eval": "pvc://data/support/heldout.jsonl"},
+        output={"uri": "pvc://adapters/runs/"},
+    )
+    pod = job["spec"]["template"]["spec"]
+    claims = {v["persistentVolumeClaim"]["claimName"]: v for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert {c: v["persistentVolumeClaim"]["readOnly"] for c, v in claims.items()} == {
+        "adapters": False,
+        "models": True,
+        "data": True,
+    }
+    mounts = {m["mountPath"]: m for m in container(job)["volumeMounts"]}
+    for claim, volume in claims.items():
+        mount = mounts[f"/mnt/pvc/{claim}"]
+        assert mount["name"] == volume["name"]
+        assert mount["readOnly"] is (claim != "adapters")
+
+
+def test_no_pvc_no_volume() -> None:
+    pod = job_for()["spec"]["template"]["spec"]
+    assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]

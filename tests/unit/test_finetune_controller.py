@@ -484,17 +484,6 @@ def test_no_progress_for_long_is_stalled(kube: FakeKube, controller: FineTuneCon
     assert condition(status(kube, obj), "Stalled") == ("True", "ProgressStale")
 
 
-def test_storage_exit_is_retried_without_spending_the_budget(kube: FakeKube, controller: FineTuneController) -> None:
-    _, job = launched(kube, controller)
-    rules = job["spec"]["podFailurePolicy"]["rules"]
-    assert rules[0]["action"] == "FailJob"
-    assert rules[0]["onExitCodes"]["values"] == [10, 11, 12]
-    assert rules[1] == {
-        "action": "Ignore",
-        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [75]},
-    }
-
-
 def test_retention_delete_keeps_an_adapter_that_is_served(
     kube: FakeKube, controller: FineTuneController, output: Path
 ) -> None:
@@ -528,3 +517,17 @@ def test_retention_delete_gives_up_in_bounded_time_when_the_secret_is_gone(
     assert str(run) in message
     assert "s3-credentials" in message
     assert (run / "adapter").exists()
+
+
+def test_an_object_the_api_server_refuses_fails_the_finetune_with_its_message(
+    kube: FakeKube, controller: FineTuneController
+) -> None:
+    obj = finetune(kube)
+    error = api_error(422, "Unprocessable Entity")
+    error.body = json.dumps({"message": 'Job.batch "x" is invalid: metadata.name: Invalid value'})
+    kube.fail("create_or_adopt", error)
+    controller.reconcile_safely(obj, None)
+    current = status(kube, obj)
+    assert current["phase"] == "Failed"
+    assert condition(current, "Stalled") == ("True", "Invalid")
+    assert "metadata.name: Invalid value" in current["message"]

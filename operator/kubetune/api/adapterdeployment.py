@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 from kubetune.api.finetune import Metric, ModelSource
 from kubetune.api.types import (
     CEL,
+    NO_LOCAL_FILES,
     Conditions,
     DataURI,
     Decimal,
@@ -24,6 +25,7 @@ from kubetune.api.types import (
     KubeModel,
     LocalObjectReference,
     Name,
+    OutputURI,
     Quantity,
     SchemaHints,
     StorageSpec,
@@ -53,7 +55,7 @@ class AdapterSource(KubeModel):
         default=None,
         description="A FineTune in this namespace; its published adapter is served once it succeeds.",
     )
-    uri: Annotated[str, Field(max_length=2048, pattern=r"^(s3|pvc|file)://[^\s]+$")] | None = Field(
+    uri: OutputURI | None = Field(
         default=None, description="Folder of a PEFT adapter, for adapters published outside kubetune."
     )
     digest: Digest | None = Field(default=None, description="Digest of the adapter at uri (sha256:...).")
@@ -193,6 +195,15 @@ class RolloutSpec(KubeModel):
 
 class AdapterDeploymentSpec(KubeModel):
     """Desired serving of an adapter on a frozen base model."""
+
+    __cel__: ClassVar[tuple[CEL, ...]] = (
+        CEL("!self.baseModel.uri.startsWith('file://')", NO_LOCAL_FILES, field_path=".baseModel.uri"),
+        CEL(
+            "!has(self.adapter.uri) || !self.adapter.uri.startsWith('file://')",
+            NO_LOCAL_FILES,
+            field_path=".adapter.uri",
+        ),
+    )
 
     base_model: ModelSource = Field(description="The base model the adapter was trained on.")
     adapter: AdapterSource = Field(description="The adapter to serve.")

@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 
 from kubetune.api.types import (
     CEL,
+    NO_LOCAL_FILES,
     Conditions,
     DataURI,
     Decimal,
@@ -75,6 +76,14 @@ class ModelSource(KubeModel):
 class Curation(KubeModel):
     """How the training data is cleaned before any GPU time is spent."""
 
+    __cel__: ClassVar[tuple[CEL, ...]] = (
+        CEL(
+            "!has(self.maxTokens) || !has(self.minTokens) || self.minTokens <= self.maxTokens",
+            "minTokens must not be above maxTokens",
+            field_path=".minTokens",
+        ),
+    )
+
     dedup: Annotated[Literal["none", "exact", "near"], SchemaHints(schema_default=True)] = Field(
         default="near",
         description=(
@@ -103,6 +112,12 @@ class Curation(KubeModel):
         description="Drop training examples that also appear (exactly or nearly) in the eval set.",
     )
 
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> Curation:
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError("minTokens must not be above maxTokens")
+        return self
+
 
 class DatasetSpec(KubeModel):
     """The training pairs, and the held-out set that proves the fine-tune works."""
@@ -117,6 +132,12 @@ class DatasetSpec(KubeModel):
             "!has(self.eval) || self.eval != self.train",
             "eval must be a held-out file, not the train file",
             field_path=".eval",
+        ),
+        CEL(
+            "!has(self.validationSplit) || !has(self.evalSplit) "
+            "|| double(self.validationSplit) + double(self.evalSplit) < 1.0",
+            "validationSplit and evalSplit together must leave some of train to train on (sum below 1)",
+            field_path=".evalSplit",
         ),
     )
 
@@ -146,6 +167,12 @@ class DatasetSpec(KubeModel):
         default="0.1", description="Share of train held out for the task eval when eval is absent."
     )
     curation: Curation = Field(default_factory=Curation, description="Cleaning applied before training.")
+
+    @model_validator(mode="after")
+    def _splits_leave_training_data(self) -> DatasetSpec:
+        if float(self.validation_split) + float(self.eval_split) >= 1.0:
+            raise ValueError("validationSplit and evalSplit together must leave some of train to train on")
+        return self
 
     @model_validator(mode="after")
     def _distinct_files(self) -> DatasetSpec:
@@ -519,6 +546,28 @@ class FineTuneSpec(KubeModel):
             "QLoRA needs at least one GPU (resources.gpus >= 1)",
             field_path=".resources.gpus",
         ),
+        CEL(
+            "!has(self.dataset.curation) || !has(self.dataset.curation.maxTokens) || !has(self.training) "
+            "|| !has(self.training.maxSeqLength) || self.dataset.curation.maxTokens <= self.training.maxSeqLength",
+            "dataset.curation.maxTokens must not be above training.maxSeqLength (longer examples would be cut)",
+            field_path=".dataset.curation.maxTokens",
+        ),
+        # In a cluster, pods cannot read the applier's files (`kubetune run` takes them; its models have no
+        # such rule).
+        CEL("!self.baseModel.uri.startsWith('file://')", NO_LOCAL_FILES, field_path=".baseModel.uri"),
+        *(
+            CEL(
+                f"!has(self.dataset.{split}) || !self.dataset.{split}.startsWith('file://')",
+                NO_LOCAL_FILES,
+                field_path=f".dataset.{split}",
+            )
+            for split in ("train", "validation", "eval")
+        ),
+        CEL(
+            "!has(self.output) || !has(self.output.uri) || !self.output.uri.startsWith('file://')",
+            NO_LOCAL_FILES,
+            field_path=".output.uri",
+        ),
     )
 
     template_ref: LocalObjectReference | None = Field(
@@ -539,6 +588,21 @@ class FineTuneSpec(KubeModel):
     image: Annotated[str, Field(max_length=512, min_length=1)] | None = Field(
         default=None, description="Trainer image. Default: the operator's trainer image."
     )
+
+    @model_validator(mode="after")
+    def _curation_fits_the_sequence(self) -> FineTuneSpec:
+        max_tokens = self.dataset.curation.max_tokens
+        training = self.training
+        if (
+            max_tokens is not None
+            and training is not None
+            and "max_seq_length" in training.model_fields_set
+            and max_tokens > training.max_seq_length
+        ):
+            raise ValueError(
+                "dataset.curation.maxTokens must not be above training.maxSeqLength (longer examples would be cut)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _qlora_needs_gpu(self) -> FineTuneSpec:

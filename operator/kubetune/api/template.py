@@ -24,6 +24,8 @@ from kubetune.api.finetune import (
 from kubetune.api.types import Conditions, FreeForm, KubeModel, SchemaHints, StorageSpec
 
 _Prefix = Annotated[str, Field(min_length=1, max_length=2048)]
+_URIPrefix = Annotated[str, Field(min_length=6, max_length=2048, pattern=r"^(s3|hf|pvc)://")]
+"""A storage prefix a cluster can use: ``s3://``, ``hf://`` or ``pvc://`` (``file://`` names the applier's disk)."""
 
 
 class FineTuneDefaults(KubeModel):
@@ -44,10 +46,10 @@ class FineTuneDefaults(KubeModel):
 class Guardrails(KubeModel):
     """Rules every FineTune using the template must meet (after defaults are applied)."""
 
-    allowed_base_model_prefixes: list[_Prefix] | None = Field(
+    allowed_base_model_prefixes: list[_URIPrefix] | None = Field(
         default=None, max_length=64, description="baseModel.uri must start with one of these."
     )
-    allowed_dataset_prefixes: list[_Prefix] | None = Field(
+    allowed_dataset_prefixes: list[_URIPrefix] | None = Field(
         default=None, max_length=64, description="Every dataset URI must start with one of these."
     )
     allowed_images: list[_Prefix] | None = Field(

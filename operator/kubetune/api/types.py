@@ -123,27 +123,47 @@ Name = Annotated[
 Digest = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$", max_length=71)]
 """A content digest, ``sha256:`` followed by 64 hex digits."""
 
+
+def _safe_uri(value: str) -> str:
+    if "$(" in value:
+        raise ValueError("must not contain '$(': Kubernetes would expand it as a variable reference")
+    if ".." in value.split("://", 1)[-1].split("/"):
+        raise ValueError("must not contain '..' path segments")
+    return value
+
+
+SAFE_URI = (
+    CEL("!self.contains('$(')", "must not contain '$(': Kubernetes would expand it as a variable reference"),
+    CEL("!self.matches('(^|/)[.][.](/|$)')", "must not contain '..' path segments"),
+)
+"""What no URI may hold: a ``$(VAR)`` reference (Kubernetes expands those in commands and env, where the
+credentials live) or a ``..`` segment (it could climb out of a local cache folder)."""
+
 ModelURI = Annotated[
     str,
-    Field(
-        min_length=6,
-        max_length=2048,
-        pattern=r"^(s3|hf|pvc|file)://[^\s]+$",
-    ),
+    Field(min_length=6, max_length=2048, pattern=r"^(s3|hf|pvc|file)://[^\s]+$"),
+    AfterValidator(_safe_uri),
+    SchemaHints(validations=SAFE_URI),
 ]
 """Where a model lives: ``s3://bucket/key``, ``hf://org/name``, ``pvc://claim/path``, ``file:///path``."""
 
 DataURI = Annotated[
     str,
-    Field(min_length=6, max_length=2048, pattern=r"^(s3|hf|pvc|file)://[^\s]+$"),
+    Field(min_length=6, max_length=2048, pattern=r"^(s3|pvc|file)://[^\s]+$"),
+    AfterValidator(_safe_uri),
+    SchemaHints(validations=SAFE_URI),
 ]
-"""Where a dataset file lives; same schemes as models."""
+"""Where a dataset file lives: ``s3://``, ``pvc://`` or ``file://`` (``hf://`` holds models, not files)."""
 
 OutputURI = Annotated[
     str,
     Field(min_length=6, max_length=2048, pattern=r"^(s3|pvc|file)://[^\s]+$"),
+    AfterValidator(_safe_uri),
+    SchemaHints(validations=SAFE_URI),
 ]
 """Where artifacts are written. ``hf://`` is read-only, so it is not allowed here."""
+
+NO_LOCAL_FILES = "file:// URIs only work with `kubetune run` on one machine; in a cluster use s3://, pvc:// or hf://"
 
 FreeForm = Annotated[dict[str, Any], SchemaHints(preserve_unknown_fields=True)]
 """An object passed through to Kubernetes as written (e.g. a toleration)."""

@@ -20,7 +20,7 @@ from kubetune.api.adapterdeployment import AdapterDeployment, DeploymentGate
 from kubetune.api.finetune import LOWER_IS_BETTER, LoRASpec
 from kubetune.builders import meta
 from kubetune.builders.resolve import resolve_adapter_deployment
-from kubetune.builders.security import credentials_env, restricted_container, restricted_pod
+from kubetune.builders.security import credentials_env, literal, restricted_container, restricted_pod
 from kubetune.builders.settings import OperatorSettings
 
 Role = Literal["stable", "canary"]
@@ -193,8 +193,8 @@ def _storage_env(adep: AdapterDeployment, settings: OperatorSettings) -> list[di
     assert storage.region is not None, "resolved() sets spec.storage.region"
     env: list[dict[str, Any]] = []
     if storage.endpoint:
-        env.append({"name": "KUBETUNE_STORAGE_ENDPOINT", "value": storage.endpoint})
-    env.append({"name": "AWS_REGION", "value": storage.region})
+        env.append({"name": "KUBETUNE_STORAGE_ENDPOINT", "value": literal(storage.endpoint)})
+    env.append({"name": "AWS_REGION", "value": literal(storage.region)})
     env += credentials_env(storage.secret_ref.name if storage.secret_ref else None)
     if settings.hf_endpoint:
         env.append({"name": "HF_ENDPOINT", "value": settings.hf_endpoint})
@@ -206,22 +206,27 @@ def vllm_lora_rank(rank: int) -> int:
     return next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
 
 
+def _pvcs(adep: AdapterDeployment, candidate: Candidate) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Read-only volumes for the claims ``pvc://`` URIs of the base model and the adapter name."""
+    return meta.pvc_volumes(meta.pvc_claims([adep.spec.base_model.uri, candidate.adapter_uri]))
+
+
 def _fetchers(adep: AdapterDeployment, candidate: Candidate, settings: OperatorSettings) -> list[dict[str, Any]]:
     """Init containers that fetch the base model and the adapter (digests verified) into the pod."""
     spec = adep.spec
+    _, pvc_mounts = _pvcs(adep, candidate)
     env = _storage_env(adep, settings)
     fetch = [*settings.trainer_command, "fetch"]
-    base = [*fetch, spec.base_model.uri, BASE_DIR] + (
-        ["--digest", spec.base_model.digest] if spec.base_model.digest else []
-    )
-    adapter = [*fetch, candidate.adapter_uri, adapter_dir(adep), "--digest", candidate.adapter_digest]
+    base = [*fetch, literal(spec.base_model.uri), BASE_DIR]
+    base += ["--digest", spec.base_model.digest] if spec.base_model.digest else []
+    adapter = [*fetch, literal(candidate.adapter_uri), adapter_dir(adep), "--digest", candidate.adapter_digest]
     return [
         {
             "name": name,
             "image": settings.trainer_image,
             "command": command,
             "env": env,
-            "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}],
+            "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}, *pvc_mounts],
             "securityContext": restricted_container(),
         }
         for name, command in (("fetch-base", base), ("fetch-adapter", adapter))
@@ -317,6 +322,7 @@ def build_deployment(
         "volumes": [
             {"name": "models", "emptyDir": {}},
             {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
+            *_pvcs(adep, candidate)[0],
         ],
     }
     if runtime.node_selector:
@@ -412,6 +418,7 @@ def build_online_eval_job(
     online = adep.spec.rollout.online_eval
     assert online is not None
     job = eval_job_name(adep.metadata["name"], revision)
+    pvc_volumes, pvc_mounts = meta.pvc_volumes(meta.pvc_claims([online.dataset]))
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -442,7 +449,7 @@ def build_online_eval_job(
                                 "--model",
                                 adep.spec.served_model_name,
                                 "--dataset",
-                                online.dataset,
+                                literal(online.dataset),
                                 "--metric",
                                 online.metric,
                                 "--min",
@@ -455,10 +462,10 @@ def build_online_eval_job(
                             "env": _storage_env(adep, settings),
                             "terminationMessagePath": "/dev/termination-log",
                             "securityContext": restricted_container(),
-                            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, *pvc_mounts],
                         }
                     ],
-                    "volumes": [{"name": "tmp", "emptyDir": {}}],
+                    "volumes": [{"name": "tmp", "emptyDir": {}}, *pvc_volumes],
                 },
             },
         },

@@ -249,19 +249,37 @@ def _trainer_container(job: str, namespace: str, plan: Plan, settings: OperatorS
     return container
 
 
+def _pvcs(spec: ResolvedFineTuneSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The claims ``pvc://`` URIs of the spec name: read-only, but the output's claim writable."""
+    read = meta.pvc_claims(
+        [
+            spec.base_model.uri,
+            spec.dataset.train,
+            spec.dataset.validation,
+            spec.dataset.eval,
+            spec.evaluation.general_text,
+        ]
+    )
+    return meta.pvc_volumes(read, meta.pvc_claims([spec.output.uri]))
+
+
 def _pod_spec(finetune: FineTune, job: str, plan: Plan, settings: OperatorSettings) -> dict[str, Any]:
     name = finetune.metadata["name"]
     res = plan.spec.resources
+    pvc_volumes, pvc_mounts = _pvcs(plan.spec)
+    container = _trainer_container(job, finetune.metadata["namespace"], plan, settings)
+    container["volumeMounts"] += pvc_mounts
     pod: dict[str, Any] = {
         "restartPolicy": "Never",  # the Job, not the kubelet, retries: podFailurePolicy needs Never
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": restricted_pod(settings.run_as_user),
-        "containers": [_trainer_container(job, finetune.metadata["namespace"], plan, settings)],
+        "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": config_map_name(name)}},
             {"name": "scratch", "emptyDir": {}},
             {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
+            *pvc_volumes,
         ],
     }
     if res.node_selector:

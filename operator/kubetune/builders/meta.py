@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from kubetune.api.types import GROUP_VERSION
@@ -118,3 +119,30 @@ def resources(*, cpu: str | None, memory: str | None, gpus: int, gpu_resource_na
     if limits:
         out["limits"] = limits
     return out
+
+
+PVC_ROOT = "/mnt/pvc"
+"""Where pods mount the PersistentVolumeClaims that ``pvc://claim/path`` URIs name (``$KUBETUNE_PVC_ROOT``)."""
+
+
+def pvc_claims(uris: list[str | None]) -> list[str]:
+    """The claims the ``pvc://`` URIs among ``uris`` name, each once, in order."""
+    claims: list[str] = []
+    for uri in uris:
+        if uri and uri.startswith("pvc://"):
+            claim = uri.removeprefix("pvc://").split("/", 1)[0]
+            if claim and claim not in claims:
+                claims.append(claim)
+    return claims
+
+
+def pvc_volumes(read: Sequence[str], write: Sequence[str] = ()) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Volumes and mounts for the claims a pod reads (read-only) and writes, at ``PVC_ROOT/<claim>``."""
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    for claim in [*write, *(c for c in read if c not in write)]:
+        name = child_name("pvc", claim)
+        writable = claim in write
+        volumes.append({"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}})
+        mounts.append({"name": name, "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": not writable})
+    return volumes, mounts

@@ -35,3 +35,12 @@ def credentials_env(secret_name: str | None) -> list[dict[str, Any]]:
         return {"name": key, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": key, "optional": optional}}}
 
     return [ref("AWS_ACCESS_KEY_ID", False), ref("AWS_SECRET_ACCESS_KEY", False), ref("AWS_SESSION_TOKEN", True)]
+
+
+def literal(value: str) -> str:
+    """``value`` exactly as written in a command, an argument or an env value.
+
+    Kubernetes expands ``$(VAR)`` there, from the container's env — which holds the
+    storage credentials — so a user's value is escaped (``$$(`` stays ``$(``).
+    """
+    return value.replace("$(", "$$(")

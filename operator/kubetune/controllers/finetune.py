@@ -22,6 +22,7 @@ Writes per FineTune up to its Job: ConfigMap, Job, one status patch.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -65,6 +66,14 @@ class RetryError(Exception):
     def __init__(self, message: str, delay: float) -> None:
         super().__init__(message)
         self.delay = delay
+
+
+def api_message(e: ApiException) -> str:
+    """The message of an API error's Status body, else its reason."""
+    try:
+        return str(json.loads(e.body or "{}").get("message") or e.reason)
+    except (ValueError, AttributeError):
+        return str(e.reason)
 
 
 def summary_from_pods(pods: list[dict[str, Any]]) -> tuple[Summary | None, str | None]:
@@ -313,6 +322,13 @@ class FineTuneController:
             job, created = self.kube.create_or_adopt(build.build_job(finetune, plan, self.settings), uid)
         except ForeignObjectError as e:
             raise RetryError(f"{e}; waiting for it to go away", 5) from e
+        except ApiException as e:
+            if e.status != 422:
+                raise
+            # The API server refused an object built from this spec: no retry changes that, so say why.
+            self.stop(obj, "Invalid", f"the API server refused an object of this FineTune: {api_message(e)}",
+                      terminal=True)  # fmt: skip
+            return None
         if created:
             log.info("%s/%s: created Job %s", obj["metadata"]["namespace"], obj["metadata"]["name"],
                      job["metadata"]["name"])  # fmt: skip
