@@ -62,7 +62,19 @@ def test_kubectl_explain_prints_field_descriptions(cluster: Cluster, crds: None)
     assert "Rank r of the adapter matrices" in lora
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+LOCAL_ONLY = "finetune-local.yaml"  # file:// URIs: what `kubetune run` reads on one machine
+
+
+def test_the_local_example_is_refused_by_a_cluster_naming_kubetune_run(
+    cluster: Cluster, crds: None, namespace: str
+) -> None:
+    result = cluster.kubectl("apply", "-n", namespace, "-f", str(ROOT / "docs" / "examples" / LOCAL_ONLY), check=False)
+    assert result.returncode != 0
+    assert "spec.baseModel.uri" in result.stderr
+    assert "kubetune run" in result.stderr
+
+
+@pytest.mark.parametrize("path", [p for p in EXAMPLES if p.name != LOCAL_ONLY], ids=lambda p: p.name)
 def test_docs_examples_apply(cluster: Cluster, crds: None, namespace: str, path: Path) -> None:
     kinds = {d["kind"] for d in yaml.safe_load_all(path.read_text(encoding="utf-8"))}
     result = cluster.kubectl("apply", "-n", namespace, "-f", str(path))
