@@ -531,3 +531,31 @@ def test_an_object_the_api_server_refuses_fails_the_finetune_with_its_message(
     assert current["phase"] == "Failed"
     assert condition(current, "Stalled") == ("True", "Invalid")
     assert "metadata.name: Invalid value" in current["message"]
+
+
+def test_progress_is_written_when_something_visible_changes_else_at_most_once_a_minute(
+    kube: FakeKube, controller: FineTuneController
+) -> None:
+    obj, job = launched(kube, controller)
+    controller.on_job_event("MODIFIED", obj, set_job(job, active=1))
+    run = Path(job["metadata"]["annotations"][build.OUTPUT_ANNOTATION].removeprefix("file://"))
+    run.mkdir(parents=True)
+    uid = obj["metadata"]["uid"]
+    scheduler = controller.scheduler
+    assert isinstance(scheduler, ManualScheduler)
+
+    def poll(step: int, total: int = 1000, **extra: Any) -> int:
+        doc = {"stage": "train", "step": step, "total_steps": total, "percent": 100 * step // total, **extra}
+        (run / "progress.json").write_text(json.dumps(doc))
+        before = len([w for w in kube.writes if w[0] == "patch-status"])
+        scheduler.run(("progress", uid))
+        return len([w for w in kube.writes if w[0] == "patch-status"]) - before
+
+    assert poll(1) == 1  # the first report: Training, with progress
+    assert poll(2) == 0  # only the step moved (0% -> 0%)
+    assert poll(3, loss=1.5) == 0
+    assert poll(10) == 1  # 1%: a new percentage is written at once
+    assert poll(11, checkpoint_step=10, checkpoint_uri="s3://c/") == 1  # a checkpoint too
+    controller.progress_written[uid] -= controller.settings.progress_status_seconds  # a minute later
+    assert poll(12) == 1
+    assert status(kube, obj)["progress"]["step"] == 12

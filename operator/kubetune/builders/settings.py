@@ -62,6 +62,10 @@ class OperatorSettings:
     """How long the operator keeps trying to delete a FineTune's artifacts (output.retention: Delete) before
     it lets the FineTune go and leaves them, with a Warning Event naming where they are."""
 
+    progress_status_seconds: float = 60.0
+    """How often status.progress is refreshed when only the step, loss or ETA moved; a new percentage, stage,
+    checkpoint or phase is written at once. Keeps API writes per running FineTune low."""
+
     run_as_user: int = 65532
     """UID of training pods (they always run as non-root)."""
 

@@ -375,3 +375,18 @@ def waiting(status: dict[str, Any], reason: str, message: str, *, generation: in
         status.get("conditions"), "Reconciling", True, reason, message, generation=generation, now=now
     )
     return new
+
+
+# Progress fields that move on every report; a status write for them alone is throttled.
+_RESTLESS_PROGRESS = frozenset({"step", "loss", "evalLoss", "epoch", "tokensPerSecond", "etaSeconds", "updatedAt"})
+
+
+def visible_change(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether ``new`` differs from ``old`` in more than the restless progress fields (step, loss, ETA):
+    a new percentage, stage, checkpoint, phase, message or condition is something a person watches for."""
+
+    def steady(status: dict[str, Any]) -> dict[str, Any]:
+        progress = {k: v for k, v in (status.get("progress") or {}).items() if k not in _RESTLESS_PROGRESS}
+        return {**status, "progress": progress}
+
+    return steady(old) != steady(new)

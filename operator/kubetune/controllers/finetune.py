@@ -161,6 +161,7 @@ class FineTuneController:
         self.suspend_sent: dict[str, bool] = {}  # uid -> a suspend patch whose Job event has not come back
         self.running: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # uid -> (FineTune, Job) polled
         self.jobs: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # uid -> (FineTune, newest Job) followed
+        self.progress_written: dict[str, float] = {}  # uid -> when status.progress was last written
         self.failed_seen: dict[str, int] = {}  # uid -> the Job's failed pods when last checked for OOMKilled
         self.store_down: dict[str, tuple[float, str]] = {}  # uid -> (since, error) while its store does not answer
         self.breaker = EndpointBreaker()
@@ -214,7 +215,18 @@ class FineTuneController:
             **seen,
         )
         generation = obj["metadata"].get("generation")
-        return self.update_status(obj, lambda cur: st.observe(cur, observation, generation=generation, now=now_iso()))
+        uid = obj["metadata"]["uid"]
+        fresh_enough = time.monotonic() - self.progress_written.get(uid, 0.0) < self.settings.progress_status_seconds
+
+        def compute(cur: dict[str, Any]) -> dict[str, Any] | None:
+            new = st.observe(cur, observation, generation=generation, now=now_iso())
+            if observation.progress is not None:
+                if fresh_enough and not st.visible_change(cur, new):
+                    return None  # only the step, loss or ETA moved, and status.progress is recent: no write
+                self.progress_written[uid] = time.monotonic()
+            return new
+
+        return self.update_status(obj, compute)
 
     # ------------------------------------------------------------------ reconcile
 
@@ -377,6 +389,7 @@ class FineTuneController:
             self.jobs,
             self.failed_seen,
             self.store_down,
+            self.progress_written,
         ):
             state.pop(uid, None)
         for work in ("retry", "progress", "follow"):
