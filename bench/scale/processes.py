@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import yaml
 
 from bench.scale.common import ROOT, free_port
 from tests.cluster import Cluster
@@ -131,19 +130,6 @@ class ProxyProcess:
             self.popen.wait()
 
 
-def write_kubeconfig(path: Path, server: str, token: str) -> None:
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "bench-proxy", "cluster": {"server": server}}],
-        "users": [{"name": "admin", "user": {"token": token}}],
-        "contexts": [{"name": "bench-proxy", "context": {"cluster": "bench-proxy", "user": "admin"}}],
-        "current-context": "bench-proxy",
-    }
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    path.chmod(0o600)
-
-
 @dataclass
 class OperatorProcess:
     """``python -m kubetune.cli operator`` as the bench runs it."""
@@ -155,7 +141,9 @@ class OperatorProcess:
     env: dict[str, str]
 
     @classmethod
-    def start(cls, cluster: Cluster, workdir: Path, kubeconfig: Path, extra_args: list[str]) -> OperatorProcess:
+    def start(
+        cls, cluster: Cluster, workdir: Path, kubeconfig: Path, extra_args: list[str], store: str | None = None
+    ) -> OperatorProcess:
         health_port, metrics_port = free_port(), free_port()
         env = {
             "PATH": os.environ.get("PATH", ""),
@@ -163,7 +151,7 @@ class OperatorProcess:
             "KUBECONFIG": str(kubeconfig),
             "KUBETUNE_TRAINER_COMMAND": "true",
             "KUBETUNE_DEFAULT_OUTPUT_URI": "s3://adapters/",
-            "KUBETUNE_DEFAULT_STORAGE_ENDPOINT": cluster.s3.endpoint_url,
+            "KUBETUNE_DEFAULT_STORAGE_ENDPOINT": store or cluster.s3.endpoint_url,
             "KUBETUNE_DEFAULT_STORAGE_SECRET": "s3-credentials",
             "KUBETUNE_METRICS_PORT": str(metrics_port),
             "KUBETUNE_HEALTH_PORT": str(health_port),

@@ -1,0 +1,174 @@
+"""Steady state: what hundreds of running FineTunes cost the operator, the API server and the store.
+
+``bench/operator_scale.py --steady N`` creates N FineTunes whose Jobs stay
+active (their pods are never run: no kubelet, so each Job has one Pending pod,
+which the Job controller counts as active) and plays their trainers: every
+``--progress-interval`` seconds each run's ``progress.json`` is rewritten in S3
+with the step moving on, as a real trainer does. After a warm-up, it measures
+for ``--steady-seconds``:
+
+- the operator's CPU (per cent of one core) and peak RSS;
+- its API requests per second (reads, writes) through the counting proxy;
+- its storage GETs per second (through a counting proxy in front of S3);
+- each figure per 100 active FineTunes, against the targets.
+
+The simulated trainers run long jobs (a million steps), so the percentage
+moves rarely: what is measured is the cost of watching, not of news.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+from kubernetes import client as k8s
+
+from bench.scale.common import GROUP, PLURAL, VERSION, WRITE_METHODS, log, wait_for
+from bench.scale.jobs import JobWatch
+from bench.scale.processes import OperatorProcess, ProxyProcess, RssSampler, tree_cpu_s
+from tests.cluster import Cluster
+from tests.cluster.faults import FaultProxy, cluster_kubeconfig
+
+TARGET_WRITES_PER_S_PER_100 = 0.2
+TARGET_CORE_PERCENT_PER_100 = 1.0
+TOTAL_STEPS = 1_000_000
+
+
+class Trainers(threading.Thread):
+    """Plays the trainers of running FineTunes: rewrites each run's progress.json every ``interval`` seconds."""
+
+    def __init__(self, cluster: Cluster, runs: list[str], interval: float) -> None:
+        super().__init__(name="trainers", daemon=True)
+        self.client = cluster.s3.client()
+        self.runs, self.interval = runs, interval
+        self.stop_event = threading.Event()
+        self.writes = 0
+        self.errors = 0
+
+    def write(self, key: str, step: int) -> None:
+        doc = {"stage": "train", "step": step, "total_steps": TOTAL_STEPS, "percent": 100 * step // TOTAL_STEPS,
+               "epoch": step / TOTAL_STEPS, "loss": 2.0 - step * 1e-7, "tokens_per_second": 5000.0,
+               "eta_seconds": (TOTAL_STEPS - step) * 0.1, "message": "training",
+               "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+        try:
+            self.client.put_object(Bucket="adapters", Key=key, Body=json.dumps(doc).encode())
+            self.writes += 1
+        except Exception:
+            self.errors += 1
+
+    def run(self) -> None:
+        step = 0
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="trainer") as pool:
+            while not self.stop_event.is_set():
+                began = time.monotonic()
+                step += 100
+                # Spread the writes over the interval, as independent trainers would.
+                gap = self.interval / max(len(self.runs), 1)
+                for i, key in enumerate(self.runs):
+                    if self.stop_event.wait(max(0.0, began + i * gap - time.monotonic())):
+                        return
+                    pool.submit(self.write, key, step)
+                self.stop_event.wait(max(0.0, began + self.interval - time.monotonic()))
+
+
+def run_steady(cluster: Cluster, api: k8s.ApiClient, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """One steady-state measurement with ``args.steady`` running FineTunes (see the module's docstring)."""
+    from bench.operator_scale import MANIFEST, create_all, operator_args, setup_namespace
+
+    size = args.steady
+    namespace = f"steady-{size}-{secrets.token_hex(3)}"
+    workdir = workdir / namespace
+    workdir.mkdir(parents=True)
+    setup_namespace(api, namespace)
+    template = yaml.safe_load(MANIFEST.read_text(encoding="utf-8"))
+    proxy = ProxyProcess.start(cluster, workdir)
+    kubeconfig = cluster_kubeconfig(workdir / "operator.kubeconfig", f"http://127.0.0.1:{proxy.port}", cluster.token)
+    store = FaultProxy(cluster.s3.endpoint_url, host=cluster.s3.host).start()  # counts the operator's GETs
+    operator = OperatorProcess.start(cluster, workdir, kubeconfig, operator_args(args), store=store.url)
+    sampler = RssSampler(operator.popen.pid)
+    sampler.start()
+    watch = JobWatch(api, namespace)
+    trainers: Trainers | None = None
+    try:
+        wait_for(operator.healthy, 60, "the operator's /healthz", 0.1)
+        watch.start()
+        watch.ready.wait(30)
+        log(f"steady: creating {size} FineTunes in {namespace}")
+        created = create_all(api, namespace, template, size, args.create_concurrency)
+        watch.wait_count(size, args.timeout, lambda: operator.popen.poll() is None)
+        custom = k8s.CustomObjectsApi(api)
+        items = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+        runs = [f"{namespace}/{i['metadata']['name']}/{i['metadata']['uid']}/progress.json" for i in items]
+        trainers = Trainers(cluster, runs, args.progress_interval)
+        trainers.start()
+        warm = args.progress_interval * 3
+        log(f"steady: {len(runs)} running; warming up {warm:.0f}s, then measuring {args.steady_seconds:.0f}s")
+        time.sleep(warm)
+        window = measure(operator, proxy, store, sampler, args.steady_seconds)
+        phases = [((i.get("status") or {}).get("phase")) for i in
+                  custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]]  # fmt: skip
+        window["phases"] = {p: phases.count(p) for p in set(phases)}
+        window["trainer_progress_writes"] = trainers.writes
+        window["created"] = len([c for c in created if not c.error])
+        return {"size": size, "namespace": namespace, **window, "targets": steady_targets(window, size)}
+    finally:
+        if trainers is not None:
+            trainers.stop_event.set()
+        watch.stop()
+        operator.stop()
+        sampler.stop()
+        proxy.stop()
+        store.stop()
+
+
+def measure(
+    operator: OperatorProcess, proxy: ProxyProcess, store: FaultProxy, sampler: RssSampler, seconds: float
+) -> dict[str, Any]:
+    process = psutil.Process(operator.popen.pid)
+    cpu_before, gets_before = tree_cpu_s(process), store.forwarded
+    began = time.monotonic()
+    time.sleep(seconds)
+    ended = time.monotonic()
+    cpu = tree_cpu_s(process) - cpu_before
+    gets = store.forwarded - gets_before
+    requests = [r for r in proxy.requests() if began <= r["t"] <= ended and not r["w"]]
+    writes = [r for r in requests if r["m"] in WRITE_METHODS]
+    span = ended - began
+    return {
+        "window_s": round(span, 1),
+        "operator_cpu_s": round(cpu, 2),
+        "operator_core_percent": round(100 * cpu / span, 2),
+        "operator_peak_rss_mib": round(sampler.peak / 2**20, 1),
+        "api_requests_per_s": round(len(requests) / span, 2),
+        "api_writes_per_s": round(len(writes) / span, 3),
+        "api_writes_by_resource": {c: sum(1 for r in writes if r["c"] == c) for c in {r["c"] for r in writes}},
+        "storage_gets_per_s": round(gets / span, 2),
+    }
+
+
+def steady_targets(window: dict[str, Any], size: int) -> dict[str, Any]:
+    per100 = 100 / max(size, 1)
+    writes = window["api_writes_per_s"] * per100
+    core = window["operator_core_percent"] * per100
+    return {
+        "api_writes_per_s_per_100_active": {
+            "value": round(writes, 3),
+            "limit": TARGET_WRITES_PER_S_PER_100,
+            "pass": writes <= TARGET_WRITES_PER_S_PER_100,
+        },
+        "operator_core_percent_per_100_active": {
+            "value": round(core, 3),
+            "limit": TARGET_CORE_PERCENT_PER_100,
+            "pass": core <= TARGET_CORE_PERCENT_PER_100,
+        },
+        "api_requests_per_s_per_100_active": round(window["api_requests_per_s"] * per100, 3),
+        "storage_gets_per_s_per_100_active": round(window["storage_gets_per_s"] * per100, 3),
+    }
