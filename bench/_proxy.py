@@ -29,28 +29,15 @@ import signal
 import ssl
 import sys
 import time
+from pathlib import Path
 from typing import IO
 from urllib.parse import parse_qs
 
 import aiohttp
 from aiohttp import web
 
-# Not forwarded in either direction: they describe one hop, not the message.
-HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        "Connection",
-        "Keep-Alive",
-        "Proxy-Authenticate",
-        "Proxy-Authorization",
-        "TE",
-        "Trailer",
-        "Transfer-Encoding",
-        "Upgrade",
-        "Host",
-        "Content-Length",
-    )
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.cluster.faults import HOP_BY_HOP
 
 WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 MAX_DESCRIBED = 256 * 1024

@@ -52,6 +52,24 @@ def example(name: str, **spec_changes: Any) -> dict[str, Any]:
     return doc
 
 
+def adapter_deployment(
+    name: str, adapter: dict[str, Any], *, served: str | None = None, deadline: int = 90
+) -> dict[str, Any]:
+    """An AdapterDeployment on the tiny base model, served by the reference server (one replica, a canary)."""
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "AdapterDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {"uri": "s3://models/tiny-llama/"},
+            "adapter": adapter,
+            "servedModelName": served or name,
+            "runtime": {"type": "kubetune", "replicas": 1},
+            "rollout": {"strategy": "Canary", "canary": {"replicas": 1}, "progressDeadlineSeconds": deadline},
+        },
+    }
+
+
 def apply(cluster: Cluster, namespace: str, *docs: dict[str, Any]) -> None:
     """``kubectl apply`` of one or more objects, as a user would."""
     # JSON, not YAML: PyYAML writes "3e-3" unquoted, and kubectl reads that back as a number.

@@ -18,7 +18,18 @@ from typing import Any
 import pytest
 
 from tests.cluster import Cluster
-from tests.e2e.helpers import ACCESS_KEY, SECRET_KEY, Operator, apply, condition, example, get, phase_in, wait_for
+from tests.e2e.helpers import (
+    ACCESS_KEY,
+    SECRET_KEY,
+    Operator,
+    adapter_deployment,
+    apply,
+    condition,
+    example,
+    get,
+    phase_in,
+    wait_for,
+)
 
 SERVED = "support-bot"
 QUEUES = {
@@ -118,18 +129,7 @@ def story(cluster: Cluster, operator: Operator, tmp_path_factory: pytest.TempPat
 
 def deployment_doc(fine_tune: str | None = None, uri: str | None = None, digest: str | None = None) -> dict[str, Any]:
     adapter: dict[str, Any] = {"fineTuneRef": {"name": fine_tune}} if fine_tune else {"uri": uri, "digest": digest}
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "AdapterDeployment",
-        "metadata": {"name": SERVED},
-        "spec": {
-            "baseModel": {"uri": "s3://models/tiny-llama/"},
-            "adapter": adapter,
-            "servedModelName": SERVED,
-            "runtime": {"type": "kubetune", "replicas": 1},
-            "rollout": {"strategy": "Canary", "canary": {"replicas": 1}, "progressDeadlineSeconds": 90},
-        },
-    }
+    return adapter_deployment(SERVED, adapter)
 
 
 def history(status: dict[str, Any]) -> list[tuple[str, str]]:

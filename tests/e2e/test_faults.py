@@ -25,6 +25,7 @@ from tests.e2e.helpers import (
     ACCESS_KEY,
     SECRET_KEY,
     Operator,
+    adapter_deployment,
     apply,
     condition,
     example,
@@ -298,18 +299,7 @@ def test_a_leader_whose_renewals_hang_stops_before_the_standby_leads(
 
 
 def serving_doc(name: str, adapter: dict[str, Any], deadline: int = 120) -> dict[str, Any]:
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "AdapterDeployment",
-        "metadata": {"name": name},
-        "spec": {
-            "baseModel": {"uri": "s3://models/tiny-llama/"},
-            "adapter": adapter,
-            "servedModelName": "bot",
-            "runtime": {"type": "kubetune", "replicas": 1},
-            "rollout": {"strategy": "Canary", "progressDeadlineSeconds": deadline},
-        },
-    }
+    return adapter_deployment(name, adapter, served="bot", deadline=deadline)
 
 
 def adep_status(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from kubetune.builders.settings import OperatorSettings
 from kubetune.controllers import metrics
 from kubetune.controllers.finetune import snapshot
 from kubetune.controllers.kube import KubeAPI, StatusBook, changed_fields
-from kubetune.controllers.scheduler import Scheduler
+from kubetune.controllers.scheduler import Backoff, Scheduler, why
 from kubetune_trainer.contract import now_iso
 
 log = logging.getLogger("kubetune.adapterdeployment")
@@ -64,7 +64,7 @@ class AdapterDeploymentController:
         self.settings = settings
         self.scheduler = scheduler
         self.book = StatusBook()
-        self.failures: dict[str, int] = {}  # uid -> consecutive failed reconciles, for the back-off
+        self.backoff = Backoff(MAX_RETRY_DELAY_S)
 
     def observe(self, adep: AdapterDeployment, status: dict[str, Any]) -> ro.Observed:
         """Read what the decision needs: the Deployments, the FineTune, canary pods, the eval Job."""
@@ -161,13 +161,12 @@ class AdapterDeploymentController:
         try:
             new = self.reconcile(obj)
         except Exception as e:  # API errors, an unreachable API server
-            self.failures[uid] = self.failures.get(uid, 0) + 1
-            delay = min(MAX_RETRY_DELAY_S, 2.0 ** self.failures[uid])
-            log.warning("%s/%s: reconcile failed (%s: %s); retrying in %gs", obj["metadata"]["namespace"],
-                        obj["metadata"]["name"], type(e).__name__, getattr(e, "reason", None) or e, delay)  # fmt: skip
+            delay = self.backoff.failed(uid)
+            log.warning("%s/%s: reconcile failed (%s); retrying in %gs", obj["metadata"]["namespace"],
+                        obj["metadata"]["name"], why(e), delay)  # fmt: skip
             self.scheduler.call_later(("rollout", uid), delay, partial(self.reconcile_safely, obj))
             return
-        self.failures.pop(uid, None)
+        self.backoff.succeeded(uid)
         if new is not None and new.get("phase") not in SETTLED_PHASES:
             interval = self.settings.rollout_interval_seconds
             self.scheduler.call_later(
@@ -187,7 +186,7 @@ class AdapterDeploymentController:
 
     def forget(self, uid: str) -> None:
         self.book.forget(uid)
-        self.failures.pop(uid, None)
+        self.backoff.succeeded(uid)
         self.scheduler.cancel(("rollout", uid))
 
 

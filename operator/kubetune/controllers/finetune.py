@@ -45,7 +45,7 @@ from kubetune.builders.settings import OperatorSettings
 from kubetune.builders.trainer_config import run_prefix
 from kubetune.controllers import metrics
 from kubetune.controllers.kube import ForeignObjectError, KubeAPI, StatusBook, changed_fields, s3_settings
-from kubetune.controllers.scheduler import Scheduler
+from kubetune.controllers.scheduler import Backoff, Scheduler, why
 from kubetune_trainer import storage
 from kubetune_trainer.contract import Progress, Summary, now_iso, seconds_since, summary_from_manifest
 
@@ -157,7 +157,7 @@ class FineTuneController:
         self.scheduler = scheduler
         self.book = StatusBook()
         self.launched: dict[str, str] = {}  # uid -> the Job this process created or adopted
-        self.failures: dict[str, int] = {}  # uid -> consecutive failed reconciles, for the back-off
+        self.backoff = Backoff(MAX_RETRY_DELAY_S)  # consecutive failures per uid: the wait before the next try
         self.suspend_sent: dict[str, bool] = {}  # uid -> a suspend patch whose Job event has not come back
         self.running: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # uid -> (FineTune, Job) polled
         self.jobs: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # uid -> (FineTune, newest Job) followed
@@ -258,13 +258,12 @@ class FineTuneController:
             log.info("%s/%s: %s; trying again in %gs", meta_["namespace"], meta_["name"], e, e.delay)
             delay = e.delay
         except Exception as e:  # API errors, an unreachable API server: back off, up to a minute
-            self.failures[uid] = self.failures.get(uid, 0) + 1
-            delay = min(MAX_RETRY_DELAY_S, 2.0 ** self.failures[uid])
-            why = getattr(e, "reason", None) or e
-            log.warning("%s/%s: reconcile failed (%s: %s); retrying in %gs", meta_["namespace"], meta_["name"],
-                        type(e).__name__, why, delay)  # fmt: skip
+            delay = self.backoff.failed(uid)
+            log.warning(
+                "%s/%s: reconcile failed (%s); retrying in %gs", meta_["namespace"], meta_["name"], why(e), delay
+            )
         else:
-            self.failures.pop(uid, None)
+            self.backoff.succeeded(uid)
             self.scheduler.cancel(("retry", uid))
             return
         self.scheduler.call_later(("retry", uid), delay, partial(self.reconcile_safely, obj, None))
@@ -383,7 +382,6 @@ class FineTuneController:
         self.book.forget(uid)
         for state in (
             self.launched,
-            self.failures,
             self.suspend_sent,
             self.running,
             self.jobs,
@@ -392,6 +390,7 @@ class FineTuneController:
             self.progress_written,
         ):
             state.pop(uid, None)
+        self.backoff.succeeded(uid)
         for work in ("retry", "progress", "follow"):
             self.scheduler.cancel((work, uid))
 
@@ -439,13 +438,12 @@ class FineTuneController:
         try:
             self.follow_job(obj, job)
         except Exception as e:
-            self.failures[uid] = self.failures.get(uid, 0) + 1
-            delay = min(MAX_RETRY_DELAY_S, 2.0 ** self.failures[uid])
-            log.warning("%s/%s: following its Job failed (%s: %s); trying again in %gs", obj["metadata"]["namespace"],
-                        obj["metadata"]["name"], type(e).__name__, getattr(e, "reason", None) or e, delay)  # fmt: skip
+            delay = self.backoff.failed(uid)
+            log.warning("%s/%s: following its Job failed (%s); trying again in %gs", obj["metadata"]["namespace"],
+                        obj["metadata"]["name"], why(e), delay)  # fmt: skip
             self.scheduler.call_later(("follow", uid), delay, partial(self.follow_safely, uid))
             return
-        self.failures.pop(uid, None)
+        self.backoff.succeeded(uid)
         self.scheduler.cancel(("follow", uid))
 
     def follow_job(self, obj: dict[str, Any], job: dict[str, Any]) -> None:
@@ -565,8 +563,9 @@ class FineTuneController:
             self.check_stalled(obj, job, progress)
             self.check_storage(obj, uid)
         except Exception as e:
-            log.warning("%s/%s: progress poll failed (%s: %s)", obj["metadata"]["namespace"], obj["metadata"]["name"],
-                        type(e).__name__, getattr(e, "reason", None) or e)  # fmt: skip
+            log.warning(
+                "%s/%s: progress poll failed (%s)", obj["metadata"]["namespace"], obj["metadata"]["name"], why(e)
+            )
         if uid in self.running:
             poll = partial(self.poll_progress, uid)
             self.scheduler.call_later(("progress", uid), self.settings.status_interval_seconds, poll)

@@ -124,3 +124,27 @@ class Scheduler:
         finally:
             with self._cond:
                 self._running.discard(key)
+
+
+class Backoff:
+    """Consecutive failures per key and the wait before the next try: 2 s, doubling, at most ``limit``."""
+
+    def __init__(self, limit: float = 60.0) -> None:
+        self.limit = limit
+        self._failures: dict[Hashable, int] = {}
+        self._lock = threading.Lock()
+
+    def failed(self, key: Hashable) -> float:
+        """Count a failure of ``key``; the seconds to wait before trying it again."""
+        with self._lock:
+            count = self._failures[key] = self._failures.get(key, 0) + 1
+        return min(self.limit, 2.0**count)
+
+    def succeeded(self, key: Hashable) -> None:
+        with self._lock:
+            self._failures.pop(key, None)
+
+
+def why(error: BaseException) -> str:
+    """An error in a log line: its type, and the API's reason when it has one."""
+    return f"{type(error).__name__}: {getattr(error, 'reason', None) or error}"
