@@ -296,5 +296,11 @@ class ControlPlane:
             service.ensure_running()
 
     def stop(self) -> None:
-        """Stop the controller manager, then the API server, then etcd."""
-        stop_all(list(reversed(self.services)))
+        """Stop the scheduler and controller manager, then the API server, then etcd.
+
+        The API server gets two seconds: with the lease endpoint reconciler it
+        spends ten removing itself from the ``kubernetes`` Service of a cluster
+        that is about to vanish with its etcd.
+        """
+        for service in reversed(self.services):
+            stop_all([service], timeout=2.0 if service.name == "kube-apiserver" else 10.0)
