@@ -77,19 +77,25 @@ class Cluster:
 
     @classmethod
     def start(
-        cls, workdir: Path, timeout: float = 120.0, node: NodeKind = "fake", images: Sequence[Path] = ()
+        cls,
+        workdir: Path,
+        timeout: float = 120.0,
+        node: NodeKind = "fake",
+        images: Sequence[Path] = (),
+        sandbox: tuple[str, Path] | None = None,
     ) -> Cluster:
         """Start everything in ``workdir``; return once a pod would run.
 
         ``images``: archives (``podman save``, OCI) to import into a real node's containerd.
+        ``sandbox``: (reference, archive) of the pause image to pin; the node's own by default.
         """
         began = time.monotonic()
         workdir = workdir.resolve()
         workdir.mkdir(parents=True, exist_ok=True)
         bin_dir = find_binaries()
         if node == "real":
-            return cls._start_real(workdir, bin_dir, images, deadline=began + timeout)
-        if images:
+            return cls._start_real(workdir, bin_dir, images, sandbox, deadline=began + timeout)
+        if images or sandbox:
             raise ValueError("the fake kubelet runs no images; start a real node to import them")
         logs = workdir / "logs"
         s3 = S3Server.start(logs)
@@ -124,10 +130,12 @@ class Cluster:
         return cluster
 
     @classmethod
-    def _start_real(cls, workdir: Path, bin_dir: Path, images: Sequence[Path], deadline: float) -> Cluster:
+    def _start_real(
+        cls, workdir: Path, bin_dir: Path, images: Sequence[Path], sandbox: tuple[str, Path] | None, deadline: float
+    ) -> Cluster:
         """containerd starts while the control plane does; the kubelet once the API server answers."""
         logs = workdir / "logs"
-        real = RealNode.prepare(workdir, bin_dir)
+        real = RealNode.prepare(workdir, bin_dir, sandbox=sandbox)
         started: list[Service] = []
         try:
             address = real.network.host_ip

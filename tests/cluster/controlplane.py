@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import secrets
+import signal
 import ssl
 import subprocess
 import urllib.error
@@ -215,6 +216,8 @@ class ControlPlane:
                     *node_flags,
                 ],
                 logs,
+                # Its graceful stop waits on etcd, which dies at the same moment: it would hang.
+                on_parent_death=signal.SIGKILL,
             )
             services.append(apiserver)
             # Self-signed by the API server at start-up: a CA and a serving

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import secrets
 import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +29,8 @@ from kubernetes import client as k8s
 
 from tests.cluster import GPUS, NODE_NAME, Cluster, KubectlError
 from tests.cluster.node import TOOLS_IMAGE
-from tests.cluster.node.network import API_SERVICE_IP
+from tests.cluster.node.network import API_SERVICE_IP, NodeNetwork
+from tests.conftest import ROOT
 from tests.e2e.test_cluster import raw, wait_for
 
 Obj = dict[str, Any]
@@ -327,3 +331,85 @@ def test_gpu_requests_are_admitted_and_bound(real_cluster: Cluster, api: k8s.Api
         return next((c for c in conditions if c["type"] == "PodScheduled" and c["status"] == "False"), None)
 
     assert "nvidia.com/gpu" in wait_for(unschedulable, "the scheduler to refuse 9 GPUs")["message"]
+
+
+def _shims_of(socket: Path) -> set[int]:
+    found = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmdline and cmdline[0].endswith(b"containerd-shim-runc-v2") and str(socket).encode() in cmdline:
+                found.add(int(proc.name))
+    return found
+
+
+def test_a_node_killed_hard_is_cleaned_by_the_next_one(real_cluster: Cluster, tmp_path: Path) -> None:
+    """Two nodes side by side, and no leftovers after a SIGKILL: the next node on that index cleans them first.
+
+    The killed node's supervisor gets no chance to clean: its kubelet and containerd die with it
+    (parent-death signal), but the shims, the CoreDNS container, the mounts and the network namespace stay.
+    """
+    assert real_cluster.node is not None
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "tests.cluster", "up", "--workdir", str(tmp_path / "killed")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert supervisor.stdout is not None
+        output = ""
+        while "Ctrl-C stops everything" not in output:
+            line = supervisor.stdout.readline()
+            assert line, f"the cluster did not start:\n{output}"
+            output += line
+    finally:
+        supervisor.kill()
+        supervisor.wait()
+    index = int(re.search(r"network namespace: kubetune-(\d+)", output).group(1))  # type: ignore[union-attr]
+    assert index != real_cluster.node.network.index  # it ran beside the module's node
+    left = NodeNetwork(index)
+    socket = left.run_dir / "containerd.sock"
+    wait_for(lambda: not _processes_of(str(tmp_path)), "the killed node's kubelet, containerd and control plane to die")
+    shims = _shims_of(socket)
+    assert shims, "no shim outlived its node: nothing to clean, nothing proven"
+    assert left.netns_path.exists()
+
+    successor = Cluster.start(tmp_path / "successor", node="real")
+    try:
+        assert successor.node is not None
+        assert successor.node.network.index == index
+        assert not shims & _shims_of(socket), "the killed node's shims are still running"
+        assert not any(
+            str(tmp_path / "killed") in line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        )
+        with successor.api_client() as api:
+            wait_phase(api, "kube-system", _coredns_pod(api), "Running")
+    finally:
+        successor.stop()
+    assert not left.netns_path.exists()
+    assert not left.run_dir.exists()
+    assert not _shims_of(socket)
+
+
+def _processes_of(workdir: str) -> list[int]:
+    """The processes whose command line names ``workdir`` (all the killed cluster's own processes do)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if workdir.encode() in cmdline:
+                found.append(int(proc.name))
+    return found
+
+
+def _coredns_pod(api: k8s.ApiClient) -> str:
+    pods = k8s.CoreV1Api(api).list_namespaced_pod("kube-system", label_selector="k8s-app=kube-dns").items
+    return str(pods[0].metadata.name)

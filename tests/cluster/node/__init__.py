@@ -50,6 +50,7 @@ class NodePaths:
 
     workdir: Path
     run_dir: Path
+    data_dir: Path
 
     @property
     def socket(self) -> Path:
@@ -65,7 +66,7 @@ class NodePaths:
 
     @property
     def kubelet_root(self) -> Path:
-        return self.workdir / "kubelet"
+        return self.data_dir / "kubelet"
 
     @property
     def pod_logs(self) -> Path:
@@ -95,7 +96,14 @@ class RealNode:
     k8s_bin: Path
     logs: Path
     services: list[Service] = field(default_factory=list)
+    # The pod sandbox image, pinned in containerd: the node's own pause image unless
+    # another (ref, archive) is given (e.g. the one `make images` builds).
+    sandbox: tuple[str, Path] | None = None
     _network_created: bool = False
+
+    @property
+    def sandbox_image(self) -> str:
+        return self.sandbox[0] if self.sandbox else PAUSE_IMAGE
 
     @property
     def network(self) -> NodeNetwork:
@@ -108,18 +116,24 @@ class RealNode:
     # -- start -----------------------------------------------------------------------------
 
     @classmethod
-    def prepare(cls, workdir: Path, k8s_bin: Path, node_bin: Path | None = None) -> RealNode:
+    def prepare(
+        cls, workdir: Path, k8s_bin: Path, node_bin: Path | None = None, sandbox: tuple[str, Path] | None = None
+    ) -> RealNode:
         """Claim a node index (cleaning what a dead node left there) and create its network."""
+        _check_host()
         node_bin = node_bin or find_node_binaries()
         slot = NodeSlot.claim()
-        node = cls(slot, NodePaths(workdir / "node", slot.network.run_dir), node_bin, k8s_bin, workdir / "logs")
+        net = slot.network
+        node = cls(slot, NodePaths(workdir / "node", net.run_dir, net.data_dir), node_bin, k8s_bin, workdir / "logs")
+        node.sandbox = sandbox
         try:
             if slot.stale:
-                previous = slot.network.run_dir / "workdir"
+                previous = net.run_dir / "workdir"
                 left = Path(previous.read_text()) if previous.exists() else node.paths.workdir
-                cls(slot, NodePaths(left, slot.network.run_dir), node_bin, k8s_bin, node.logs)._clean(previous_run=True)
-            slot.network.run_dir.mkdir(parents=True)
-            (slot.network.run_dir / "workdir").write_text(str(node.paths.workdir))
+                dead = cls(slot, NodePaths(left, net.run_dir, net.data_dir), node_bin, k8s_bin, node.logs)
+                dead._clean(previous_run=True)
+            net.run_dir.mkdir(parents=True)
+            (net.run_dir / "workdir").write_text(str(node.paths.workdir))
             network.create(slot.network)
             node._network_created = True
         except BaseException:
@@ -144,7 +158,7 @@ class RealNode:
                 cni_conf_dir=cni_dir,
                 opt_dir=paths.workdir / "containerd-opt",
                 net=net,
-                sandbox_image=PAUSE_IMAGE,
+                sandbox_image=self.sandbox_image,
             )
         )
         # The shim is started by containerd from PATH: ours first.
@@ -160,8 +174,11 @@ class RealNode:
 
         wait_until(answers, timeout=timeout, what="containerd's CRI", services=self.services, interval=0.2)
         cache = self.paths.image_cache
+        pause = (
+            self.sandbox[1] if self.sandbox else images.cached_archive(images.pause_image(PAUSE_IMAGE, cache), cache)
+        )
         archives = [
-            images.cached_archive(images.pause_image(PAUSE_IMAGE, cache), cache),
+            pause,
             images.cached_archive(images.busybox_image(TOOLS_IMAGE), cache),
             images.cached_archive(images.coredns_image(COREDNS_IMAGE, self.node_bin / "coredns"), cache),
         ]
@@ -252,16 +269,27 @@ class RealNode:
         self.services.clear()
         _kill_runc_containers(self.paths.containerd_state / "runc")
         _kill_shims(self.paths.socket)
-        _unmount_under([self.paths.containerd_state, self.paths.run_dir, self.paths.workdir])
+        _unmount_under([self.paths.containerd_state, self.paths.run_dir, self.paths.data_dir, self.paths.workdir])
         if previous_run or self._network_created:
             network.delete(self.network)
             self._network_created = False
         _remove_log_links(self.paths.pod_logs)
         _remove_empty_cgroups()
-        if self.paths.run_dir.exists():
-            subprocess.run(["rm", "-rf", "--one-file-system", str(self.paths.run_dir)], check=False)
+        for folder in (self.paths.run_dir, self.paths.data_dir):
+            if folder.exists():
+                subprocess.run(["rm", "-rf", "--one-file-system", str(folder)], check=False)
         if not previous_run:
             self.slot.release()
+
+
+def _check_host() -> None:
+    """Fail with what to do, before anything is created, when this machine cannot run a node."""
+    if os.geteuid() != 0:
+        raise PermissionError("a real test node needs root (network namespaces, mounts, iptables)")
+    needed = [configs.RUNC, configs.CNI_BIN_DIR / "bridge", images.BUSYBOX, Path("/usr/sbin/iptables")]
+    missing = [str(path) for path in needed if not path.exists()]
+    if missing:
+        raise FileNotFoundError(f"missing {', '.join(missing)}: run `make node-packages` (Debian packages)")
 
 
 def _run(argv: list[str], *, check: bool, timeout: float) -> subprocess.CompletedProcess[str]:

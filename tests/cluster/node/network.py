@@ -34,6 +34,7 @@ API_SERVICE_IP = "10.0.0.1"
 DNS_SERVICE_IP = "10.0.0.10"
 CLUSTER_DOMAIN = "cluster.local"
 RUN_ROOT = Path("/run/kubetune")
+DATA_ROOT = Path("/var/lib/kubetune")
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,11 @@ class NodeNetwork:
     def run_dir(self) -> Path:
         """Sockets and runtime state (short paths: unix sockets allow 107 bytes)."""
         return RUN_ROOT / str(self.index)
+
+    @property
+    def data_dir(self) -> Path:
+        """The kubelet's root, on disk (emptyDir volumes) but at a short path: it holds sockets too."""
+        return DATA_ROOT / str(self.index)
 
     def in_netns(self, argv: list[str]) -> list[str]:
         """``argv`` run inside the node's network namespace (and only that: mounts stay shared)."""
@@ -136,7 +142,7 @@ class NodeSlot:
     @property
     def stale(self) -> bool:
         net = self.network
-        return net.netns_path.exists() or net.run_dir.exists()
+        return net.netns_path.exists() or net.run_dir.exists() or net.data_dir.exists()
 
     @classmethod
     def claim(cls) -> NodeSlot:
