@@ -31,11 +31,12 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 # The control plane and node binaries (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubelet, kube-proxy, kubectl, helm; containerd, crictl, CoreDNS)
-# are built from the Go module proxy into the user cache once.
+# kube-scheduler, kubelet, kube-proxy, kubectl, helm; containerd, crictl, CoreDNS;
+# Kueue) are built from the Go module proxy into the user cache once.
 binaries:
 	@bash tests/cluster/build-binaries.sh >/dev/null
 	@bash tests/cluster/build-node-binaries.sh >/dev/null
+	@bash tests/cluster/build-node-binaries.sh kueue >/dev/null
 
 # Debian's runc, CNI plugins, iptables, conntrack, busybox-static for the real
 # test node (root; skipped when all are installed).

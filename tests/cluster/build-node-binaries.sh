@@ -10,7 +10,7 @@
 # are what the node uses.
 #
 #   build-node-binaries.sh          the node runtime; prints its bin directory
-#   build-node-binaries.sh kueue    Kueue's manager too (its own directory, printed)
+#   build-node-binaries.sh kueue    Kueue's manager and its manifests' sources (own directory, printed)
 #
 # Idempotent: returns at once when every binary is already there.
 set -euo pipefail
@@ -28,12 +28,12 @@ case "$what" in
     BINARIES=(containerd containerd-shim-runc-v2 ctr crictl coredns) ;;
   kueue)
     BIN="$CACHE_ROOT/testcluster/kueue-$KUEUE_VERSION/bin"
-    BINARIES=(kueue) ;;
+    BINARIES=(kueue ../config/default/kustomization.yaml) ;;
   *) echo "build-node-binaries: unknown set '$what' (node or kueue)" >&2; exit 2 ;;
 esac
 
 all_present() {
-  for b in "${BINARIES[@]}"; do [[ -x "$BIN/$b" ]] || return 1; done
+  for b in "${BINARIES[@]}"; do [[ -e "$BIN/$b" ]] || return 1; done
 }
 if all_present; then echo "$BIN"; exit 0; fi
 
@@ -49,9 +49,13 @@ mkdir -p "$BIN"
 cd "$BIN"
 
 if [[ "$what" == kueue ]]; then
-  echo "build-node-binaries: building Kueue $KUEUE_VERSION into $BIN" >&2
+  echo "build-node-binaries: building Kueue $KUEUE_VERSION into $BIN (a cold build takes about 10 CPU-minutes)" >&2
   go install -trimpath -ldflags "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION" \
     "sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION" >&2
+  # Its install manifests (kustomize sources: CRDs, RBAC, webhooks, the Deployment) ship in the module.
+  rm -rf "$BIN/../config"
+  cp -r "$(go env GOMODCACHE)/sigs.k8s.io/kueue@$KUEUE_VERSION/config" "$BIN/../config"
+  chmod -R u+w "$BIN/../config"
 else
   echo "build-node-binaries: building containerd $CONTAINERD_VERSION, crictl $CRICTL_VERSION and CoreDNS $COREDNS_VERSION into $BIN (a cold build takes about 5 minutes on 2 cores)" >&2
   go install -trimpath -tags "no_btrfs no_devmapper no_zfs" \

@@ -13,6 +13,7 @@ reach the API server and S3 but nothing beyond the machine.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
@@ -27,7 +28,7 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 
-from tests.cluster import GPUS, NODE_NAME, Cluster, KubectlError
+from tests.cluster import GPUS, NODE_NAME, Cluster, KubectlError, kueue
 from tests.cluster.node import TOOLS_IMAGE
 from tests.cluster.node.network import API_SERVICE_IP, NodeNetwork
 from tests.conftest import ROOT
@@ -413,3 +414,74 @@ def _processes_of(workdir: str) -> list[int]:
 def _coredns_pod(api: k8s.ApiClient) -> str:
     pods = k8s.CoreV1Api(api).list_namespaced_pod("kube-system", label_selector="k8s-app=kube-dns").items
     return str(pods[0].metadata.name)
+
+
+def test_kueue_admits_two_gpu_jobs_one_after_the_other(
+    real_cluster: Cluster, api: k8s.ApiClient, restricted: str
+) -> None:
+    """Kueue itself (built from the Go module proxy) unsuspends queued Jobs within a GPU quota of one."""
+    kueue.install(real_cluster)
+    queues = [
+        {"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "ResourceFlavor", "metadata": {"name": "default"}},
+        {
+            "apiVersion": "kueue.x-k8s.io/v1beta1",
+            "kind": "ClusterQueue",
+            "metadata": {"name": f"gpus-{restricted}"[:63]},
+            "spec": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": restricted}},
+                "resourceGroups": [
+                    {
+                        "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+                        "flavors": [
+                            {
+                                "name": "default",
+                                "resources": [
+                                    {"name": "cpu", "nominalQuota": "1"},
+                                    {"name": "memory", "nominalQuota": "1Gi"},
+                                    {"name": "nvidia.com/gpu", "nominalQuota": 1},
+                                ],
+                            }
+                        ],
+                    }
+                ],
+            },
+        },
+    ]
+    apply(real_cluster, restricted, *queues)
+    local = {
+        "apiVersion": "kueue.x-k8s.io/v1beta1",
+        "kind": "LocalQueue",
+        "metadata": {"name": "team"},
+        "spec": {"clusterQueue": queues[1]["metadata"]["name"]},
+    }
+    gpu = {"requests": {"cpu": "100m", "memory": "64Mi", "nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}
+
+    def job(name: str, seconds: int) -> Obj:
+        template = pod(name, sh("main", f"sleep {seconds}", resources=gpu))
+        return {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": name, "labels": {"kueue.x-k8s.io/queue-name": "team"}},
+            # Created suspended, as the operator creates them: only Kueue may start them.
+            "spec": {"suspend": True, "backoffLimit": 0, "template": {"spec": template["spec"]}},
+        }
+
+    apply(real_cluster, restricted, local, job("first", 4), job("second", 1))
+    batch = k8s.BatchV1Api(api)
+
+    def done(name: str) -> k8s.V1Job | None:
+        current = batch.read_namespaced_job(name, restricted)
+        return current if current.status.completion_time else None
+
+    finished = [
+        wait_for(functools.partial(done, name), f"Kueue to admit Job {name} and it to finish")
+        for name in ("first", "second")
+    ]
+    # One GPU of quota: whichever Kueue admitted first (both were created at once), the other
+    # started only after it had finished.
+    earlier, later = sorted(finished, key=lambda j: j.status.start_time)
+    assert later.status.start_time >= earlier.status.completion_time
+    workloads = json.loads(real_cluster.kubectl("get", "workloads", "-o", "json", namespace=restricted).stdout)
+    admitted = {w["metadata"]["ownerReferences"][0]["name"]: w["status"]["admission"] for w in workloads["items"]}
+    assert set(admitted) == {"first", "second"}
+    assert {a["clusterQueue"] for a in admitted.values()} == {queues[1]["metadata"]["name"]}
