@@ -1,7 +1,7 @@
 # kubetune — every set-up step a fresh machine needs is a dependency here.
 #   make demo        a real fine-tune end to end on this machine (no cluster)
 #   make test        lint + unit + e2e against a real kube-apiserver
-#   make cluster-up  the test control plane for a person (prints KUBECONFIG)
+#   make cluster-up  the test cluster (control plane + a real node) for a person (prints KUBECONFIG)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -13,14 +13,14 @@ BIN := $(VENV)/bin
 EXTRAS ?= operator,trainer,dev
 PYTEST_ARGS ?=
 
-.PHONY: help venv binaries crds crds-check docs lint test test-unit test-e2e cluster-up demo clean
+.PHONY: help venv binaries node-packages crds crds-check docs lint test test-unit test-e2e cluster-up demo clean
 
 help:
 	@echo "make demo        run a real fine-tune end to end locally"
 	@echo "make test        set everything up, then lint + unit + e2e tests"
 	@echo "make lint        ruff, mypy --strict, import-linter"
 	@echo "make crds        regenerate crds/ from kubetune.api"
-	@echo "make cluster-up  start the test control plane and print the KUBECONFIG to export"
+	@echo "make cluster-up  start the test cluster with a real node and print the KUBECONFIG to export"
 
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,10 +30,18 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
-# The control plane binaries (etcd, kube-apiserver, kube-controller-manager,
-# kubectl, helm) are built from the Go module proxy into the user cache once.
+# The control plane and node binaries (etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubelet, kube-proxy, kubectl, helm; containerd, crictl, CoreDNS;
+# Kueue) are built from the Go module proxy into the user cache once.
 binaries:
 	@bash tests/cluster/build-binaries.sh >/dev/null
+	@bash tests/cluster/build-node-binaries.sh >/dev/null
+	@bash tests/cluster/build-node-binaries.sh kueue >/dev/null
+
+# Debian's runc, CNI plugins, iptables, conntrack, busybox-static for the real
+# test node (root; skipped when all are installed).
+node-packages:
+	@bash tests/cluster/install-node-packages.sh
 
 crds: venv
 	$(BIN)/kubetune crds --out crds
@@ -53,12 +61,12 @@ lint: venv
 test-unit: venv
 	$(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)
 
-test-e2e: venv binaries
+test-e2e: venv binaries node-packages
 	$(BIN)/python -m pytest tests/e2e -q $(PYTEST_ARGS)
 
 test: lint test-unit test-e2e
 
-cluster-up: venv binaries
+cluster-up: venv binaries node-packages
 	$(BIN)/python -m tests.cluster up
 
 DEMO_MODEL := .kubetune/demo/base-model

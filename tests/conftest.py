@@ -7,6 +7,7 @@ suite without starting the cluster.
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import subprocess
@@ -20,10 +21,14 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from tests.cluster import Cluster
+from tests.cluster import Cluster, NodeKind
 from tests.cluster.s3 import S3Server
 
 E2E_DIR = Path(__file__).parent / "e2e"
+
+# The node behind the session's ``cluster``: "fake" (the home-made kubelet, pods as local
+# processes) until the suite moves to the real node; "real" runs it on kubelet + containerd.
+TEST_NODE: NodeKind = "real" if os.environ.get("KUBETUNE_TEST_NODE", "fake") == "real" else "fake"
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +79,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """On failure, say where the cluster's logs are (pods/, logs/ of the workdir)."""
     report = yield
-    cluster = getattr(item, "funcargs", {}).get("cluster")
+    funcargs = getattr(item, "funcargs", {})
+    cluster = funcargs.get("cluster") or funcargs.get("real_cluster")
     if report.failed and isinstance(cluster, Cluster):
         report.sections.append(
             ("test cluster", f"workdir (component logs in logs/, pod logs in pods/): {cluster.workdir}")
@@ -84,8 +90,26 @@ def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pytest.TestR
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """etcd + kube-apiserver + kube-controller-manager + fake kubelet + loopback S3."""
-    started = Cluster.start(tmp_path_factory.mktemp("cluster"))
+    """etcd + kube-apiserver + kube-controller-manager + a node (``KUBETUNE_TEST_NODE``) + S3."""
+    started = Cluster.start(tmp_path_factory.mktemp("cluster"), node=TEST_NODE)
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture(scope="module")
+def real_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A cluster with a real node (kubelet, containerd, kube-proxy, CoreDNS).
+
+    The session's ``cluster`` when that runs on a real node; otherwise one for the
+    requesting module, stopped at its end (so two control planes never idle side by side).
+    """
+    if TEST_NODE == "real":
+        session_cluster: Cluster = request.getfixturevalue("cluster")
+        yield session_cluster
+        return
+    started = Cluster.start(tmp_path_factory.mktemp("real-cluster"), node="real")
     try:
         yield started
     finally:

@@ -1,31 +1,47 @@
-"""The test cluster: a real control plane, a fake kubelet and a loopback S3, started together.
+"""The test cluster: a real control plane, a node and an S3 server, started together.
 
 End-to-end tests (and ``make cluster-up`` for a person) need all three at once;
 ``Cluster`` starts them in the right order, waits until pods can actually run
-(Node Ready, the default ServiceAccount present) and stops them all again.
-Nothing here needs root, containers or network access beyond loopback.
+(Node Ready, the default ServiceAccount present, with a real node cluster DNS
+too) and stops them all again.
+
+Two kinds of node:
+
+- ``"real"`` (``tests.cluster.node``): kubelet, containerd, runc, CNI,
+  kube-proxy, kube-scheduler and CoreDNS; pods are containers from images
+  imported into containerd. Needs root. Everything listens on the host's end
+  of the node's link (``10.250.N.1``), which pods reach too.
+- ``"fake"`` (``tests.cluster.kubelet``): runs each container's command as a
+  local process; no root, no images, everything on loopback.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
 from tests.cluster.controlplane import ControlPlane, find_binaries
+from tests.cluster.node import COREDNS_IMAGE, RealNode, coredns
 from tests.cluster.procs import Service, stop_all, wait_until
 from tests.cluster.s3 import S3Server
 
-__all__ = ["Cluster", "KubectlError", "S3Server"]
+__all__ = ["Cluster", "KubectlError", "NodeKind", "S3Server"]
 
 NODE_NAME = "kubetune-node"
+NodeKind = Literal["real", "fake"]
+# What the operator's pods may request of the node (the fake kubelet reports the same).
+GPUS = 8
 
 
 class KubectlError(subprocess.CalledProcessError):
@@ -42,8 +58,9 @@ class Cluster:
     workdir: Path
     bin_dir: Path
     control_plane: ControlPlane
-    kubelet: Service
+    kubelet: Service | None
     s3: S3Server
+    node: RealNode | None = None
 
     @property
     def kubeconfig(self) -> Path:
@@ -59,12 +76,27 @@ class Cluster:
         return self.control_plane.token
 
     @classmethod
-    def start(cls, workdir: Path, timeout: float = 120.0) -> Cluster:
-        """Start everything in ``workdir``; return once a pod would run."""
+    def start(
+        cls,
+        workdir: Path,
+        timeout: float = 120.0,
+        node: NodeKind = "fake",
+        images: Sequence[Path] = (),
+        sandbox: tuple[str, Path] | None = None,
+    ) -> Cluster:
+        """Start everything in ``workdir``; return once a pod would run.
+
+        ``images``: archives (``podman save``, OCI) to import into a real node's containerd.
+        ``sandbox``: (reference, archive) of the pause image to pin; the node's own by default.
+        """
         began = time.monotonic()
         workdir = workdir.resolve()
         workdir.mkdir(parents=True, exist_ok=True)
         bin_dir = find_binaries()
+        if node == "real":
+            return cls._start_real(workdir, bin_dir, images, sandbox, deadline=began + timeout)
+        if images or sandbox:
+            raise ValueError("the fake kubelet runs no images; start a real node to import them")
         logs = workdir / "logs"
         s3 = S3Server.start(logs)
         started: list[Service] = [s3.service]
@@ -97,6 +129,54 @@ class Cluster:
             raise
         return cluster
 
+    @classmethod
+    def _start_real(
+        cls, workdir: Path, bin_dir: Path, images: Sequence[Path], sandbox: tuple[str, Path] | None, deadline: float
+    ) -> Cluster:
+        """containerd starts while the control plane does; the kubelet once the API server answers."""
+        logs = workdir / "logs"
+        real = RealNode.prepare(workdir, bin_dir, sandbox=sandbox)
+        started: list[Service] = []
+        try:
+            address = real.network.host_ip
+            s3 = S3Server.start(logs, host=address)
+            started.append(s3.service)
+            real.start_runtime()
+            plane = ControlPlane.start(workdir, bin_dir, address=address, real_node=True)
+            started.extend(plane.services)
+            real.wait_runtime()
+            real.import_images(images)
+            real.start_kubelet(plane.kubeconfig)
+            cluster = cls(workdir, bin_dir, plane, None, s3, real)
+            plane.wait_ready()
+            s3.wait_ready()
+            cluster._wait_real_node(max(30.0, deadline - time.monotonic()))
+            cluster._wait_schedulable(max(10.0, deadline - time.monotonic()))
+        except BaseException:
+            real.stop()
+            stop_all([*reversed(started)])
+            raise
+        return cluster
+
+    def _wait_real_node(self, timeout: float) -> None:
+        """Node registered → GPU capacity patched → CoreDNS ready behind the kube-dns Service."""
+        assert self.node is not None
+        services = [*self.control_plane.services, *self.node.services]
+        with self.api_client() as api:
+            core = k8s.CoreV1Api(api)
+
+            def registered() -> bool:
+                return bool(core.list_node(field_selector=f"metadata.name={NODE_NAME}").items)
+
+            wait_until(registered, timeout=timeout, what="the kubelet's Node", services=services, interval=0.2)
+            # No device plugin: the node advertises GPUs so that GPU requests schedule (no device is given).
+            gpus = {"nvidia.com/gpu": str(GPUS)}
+            core.patch_node_status(NODE_NAME, {"status": {"capacity": gpus, "allocatable": gpus}})
+        self.kubectl("apply", "--server-side", "-f", "-", input=_as_list(coredns.manifests(COREDNS_IMAGE)))
+        self.kubectl(
+            "rollout", "status", "deployment/coredns", f"--namespace={coredns.NAMESPACE}", f"--timeout={int(timeout)}s"
+        )
+
     def _wait_schedulable(self, timeout: float) -> None:
         with self.api_client() as api:
             core = k8s.CoreV1Api(api)
@@ -109,8 +189,8 @@ class Cluster:
             def default_account() -> bool:
                 return bool(core.list_namespaced_service_account("default").items)
 
-            services = [*self.control_plane.services, self.kubelet]
-            wait_until(node_ready, timeout=timeout, what="the fake kubelet's Node", services=services, interval=0.2)
+            services = [*self.control_plane.services, *self._node_services()]
+            wait_until(node_ready, timeout=timeout, what="the Node to be Ready", services=services, interval=0.2)
             wait_until(default_account, timeout=timeout, what="the default ServiceAccount", services=services)
 
     def api_client(self) -> k8s.ApiClient:
@@ -137,8 +217,20 @@ class Cluster:
             raise FileNotFoundError(f"the fake kubelet never ran pod {namespace}/{pod}")
         return candidates[-1]
 
-    def pod_log(self, namespace: str, pod: str, container: str | None = None) -> str:
-        """A container's output (all its restarts), read from the fake kubelet's log file."""
+    def pod_log(self, namespace: str, pod: str, container: str | None = None, previous: bool = False) -> str:
+        """A container's output.
+
+        Real node: ``kubectl logs`` (the current attempt, or the one before with ``previous``).
+        Fake kubelet: its log file, which holds all attempts.
+        """
+        if self.node is not None:
+            args = [
+                "logs",
+                pod,
+                *(["--container", container] if container else []),
+                *(["--previous"] if previous else []),
+            ]
+            return self.kubectl(*args, namespace=namespace).stdout
         folder = self.pod_dir(namespace, pod)
         if container is None:
             logs = sorted(folder.glob("*.log"))
@@ -150,18 +242,38 @@ class Cluster:
         return (folder / f"{container}.log").read_text(errors="replace")
 
     def kill_container(self, namespace: str, pod: str, container: str, sig: signal.Signals = signal.SIGKILL) -> None:
-        """Signal a running container's process group, as an OOM killer or a node failure would."""
+        """Signal a running container's processes, as an OOM killer or a node failure would.
+
+        Real node: through containerd (the kubelet learns of it from the runtime, as in production).
+        Fake kubelet: the container's process group.
+        """
+        if self.node is not None:
+            self.node.kill_container(namespace, pod, container, sig)
+            return
         pid = int((self.pod_dir(namespace, pod) / f"{container}.pid").read_text())
         os.killpg(pid, sig)
+
+    def _node_services(self) -> list[Service]:
+        if self.node is not None:
+            return list(self.node.services)
+        return [self.kubelet] if self.kubelet is not None else []
 
     def ensure_running(self) -> None:
         """Raise if a component died (its log's tail is in the message)."""
         self.control_plane.ensure_running()
-        self.kubelet.ensure_running()
+        for service in self._node_services():
+            service.ensure_running()
         self.s3.service.ensure_running()
 
     def stop(self) -> None:
-        """Stop the kubelet first (it kills the pods' processes), then the control plane, then S3."""
-        stop_all([self.kubelet])
+        """Stop the node first (it stops the pods), then the control plane, then S3."""
+        if self.node is not None:
+            self.node.stop()
+        if self.kubelet is not None:
+            stop_all([self.kubelet])
         self.control_plane.stop()
         self.s3.stop()
+
+
+def _as_list(manifests: Sequence[dict[str, object]]) -> str:
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": list(manifests)})

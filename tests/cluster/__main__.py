@@ -14,10 +14,10 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from tests.cluster import Cluster
+from tests.cluster import Cluster, NodeKind
 
 
-def up(workdir: Path) -> None:
+def up(workdir: Path, node: NodeKind, images: list[Path]) -> None:
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -26,7 +26,7 @@ def up(workdir: Path) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"starting the test cluster in {workdir} ...", flush=True)
-    cluster = Cluster.start(workdir)
+    cluster = Cluster.start(workdir, node=node, images=images)
     try:
         exports = {"KUBECONFIG": str(cluster.kubeconfig), **cluster.s3.env()}
         lines = [f"export {name}={shlex.quote(value)}" for name, value in exports.items()]
@@ -38,7 +38,7 @@ def up(workdir: Path) -> None:
                     *lines,
                     f"export PATH={shlex.quote(str(cluster.bin_dir))}:$PATH   # kubectl, helm",
                     "",
-                    f"pod logs: {cluster.workdir / 'pods'}/<namespace>_<pod>_<uid>/<container>.log",
+                    *_node_lines(cluster),
                     f"component logs: {cluster.workdir / 'logs'}",
                     "Ctrl-C stops everything.",
                 ]
@@ -52,6 +52,18 @@ def up(workdir: Path) -> None:
         cluster.stop()
 
 
+def _node_lines(cluster: Cluster) -> list[str]:
+    if cluster.node is None:
+        return [f"pod logs: {cluster.workdir / 'pods'}/<namespace>_<pod>_<uid>/<container>.log"]
+    real = cluster.node
+    endpoint = f"unix://{real.paths.socket}"
+    return [
+        f"pod logs: kubectl logs; the node's network namespace: {real.network.netns}",
+        f"crictl: {real.node_bin / 'crictl'} --runtime-endpoint={endpoint}",
+        f"images: {real.node_bin / 'ctr'} --address={real.paths.socket} -n k8s.io images import <archive>",
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m tests.cluster", description=__doc__.splitlines()[0] if __doc__ else None
@@ -59,8 +71,15 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("up", help="start the cluster and run until Ctrl-C")
     start.add_argument("--workdir", type=Path, help="folder for data and logs (default: a new temporary folder, kept)")
+    start.add_argument(
+        "--node",
+        choices=["real", "fake"],
+        default="real",
+        help="real: kubelet + containerd (root); fake: pods as local processes (default: real)",
+    )
+    start.add_argument("--image", type=Path, action="append", default=[], help="an image archive to import (repeat)")
     args = parser.parse_args(argv)
-    up(args.workdir or Path(tempfile.mkdtemp(prefix="kubetune-cluster-")))
+    up(args.workdir or Path(tempfile.mkdtemp(prefix="kubetune-cluster-")), args.node, args.image)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build the test control plane (etcd, kube-apiserver, kube-controller-manager,
-# kubectl, helm) from the Go module proxy into the user cache, keyed by version.
+# kube-scheduler, kubectl, helm) and the node's Kubernetes binaries (kubelet,
+# kube-proxy) from the Go module proxy into the user cache, keyed by version.
+# The node's runtime (containerd, crictl, CoreDNS) is build-node-binaries.sh.
 #
 # `go install k8s.io/kubernetes/cmd/...@v1.34.x` does not work: k8s.io/kubernetes
 # carries `replace` lines for its staging modules, which `go install` refuses. A
@@ -17,7 +19,8 @@ STAGING_VERSION="v0.${K8S_VERSION#v1.}"
 CACHE_ROOT="${KUBETUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kubetune}"
 OUT="$CACHE_ROOT/testcluster/k8s-$K8S_VERSION-helm-$HELM_VERSION"
 BIN="$OUT/bin"
-BINARIES=(etcd kube-apiserver kube-controller-manager kubectl helm)
+BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy helm)
+K8S_COMMANDS=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy)
 
 all_present() {
   for b in "${BINARIES[@]}"; do [[ -x "$BIN/$b" ]] || return 1; done
@@ -63,7 +66,10 @@ import (
 	_ "go.etcd.io/etcd/server/v3"
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
 )
 GO
 # etcd: the version upstream pins (3.6.x); kube-apiserver 1.34 needs watch progress requests.
@@ -75,11 +81,14 @@ major=${K8S_VERSION#v}; major=${major%%.*}
 minor=${K8S_VERSION#v*.}; minor=${minor%%.*}
 ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=$major -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
 echo "build-binaries: building Kubernetes $K8S_VERSION and etcd ${etcd_version} into $BIN (a cold build takes 10-20 minutes on 2 cores)" >&2
-go build -trimpath -ldflags "$ldflags" -o "$BIN/" \
-  k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl >&2
-go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" go.etcd.io/etcd/server/v3 >&2
+# Only what is missing: a cache from before a binary was added keeps the others (linking is not cached).
+missing=()
+for c in "${K8S_COMMANDS[@]}"; do [[ -x "$BIN/$c" ]] || missing+=("k8s.io/kubernetes/cmd/$c"); done
+if [[ ${#missing[@]} -gt 0 ]]; then go build -trimpath -ldflags "$ldflags" -o "$BIN/" "${missing[@]}" >&2; fi
+[[ -x "$BIN/etcd" ]] || go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" go.etcd.io/etcd/server/v3 >&2
 
 # helm in a wrapper of its own: its dependency graph does not have to agree with Kubernetes'.
+if all_present; then echo "$BIN"; exit 0; fi
 hwork="$OUT/src-helm"
 mkdir -p "$hwork"
 cd "$hwork"

@@ -12,7 +12,9 @@ self-signed serving certificate), ``logs/`` and ``kubeconfig``.
 
 from __future__ import annotations
 
+import functools
 import secrets
+import signal
 import ssl
 import subprocess
 import urllib.error
@@ -30,10 +32,8 @@ BUILD_SCRIPT = Path(__file__).with_name("build-binaries.sh")
 
 # Only what the operator's workloads need. Left out on purpose: node-lifecycle
 # and taint-eviction (they expect kubelet leases and would taint and evict the
-# fake node), and endpoints/endpointslice (validation refuses the loopback pod
-# IPs, so they could only log errors and leave every Service without endpoints).
-# root-ca-certificate-publisher fills the kube-root-ca.crt ConfigMap that every
-# pod's service-account volume mounts.
+# fake node). root-ca-certificate-publisher fills the kube-root-ca.crt ConfigMap
+# that every pod's service-account volume mounts.
 CONTROLLERS = (
     "job-controller",
     "deployment-controller",
@@ -46,6 +46,23 @@ CONTROLLERS = (
     "ttl-after-finished-controller",
     "pod-garbage-collector-controller",
 )
+# With a real node, Services get endpoints (with the fake kubelet they could
+# only log errors: validation refuses its loopback pod IPs), and the node's
+# lifecycle is watched through its kubelet's Lease: the node-lifecycle
+# controller lifts the not-ready taint the kubelet registers with, and sets it
+# again when the kubelet stops reporting. (Taint-based eviction stays off.)
+REAL_NODE_CONTROLLERS = (
+    *CONTROLLERS,
+    "endpoints-controller",
+    "endpointslice-controller",
+    "node-lifecycle-controller",
+)
+
+# With a real node: an owner reference may only block its owner's deletion when
+# the writer may update the owner's finalizers (as on hardened clusters), and
+# namespaces labelled pod-security.kubernetes.io/enforce=restricted get the
+# restricted profile (PodSecurity is on by default; named to be explicit).
+REAL_NODE_ADMISSION = ("PodSecurity", "OwnerReferencesPermissionEnforcement")
 
 
 def find_binaries() -> Path:
@@ -106,13 +123,30 @@ class ControlPlane:
     kubeconfig: Path
     kcm_port: int
     services: list[Service] = field(default_factory=list)
+    scheduler_port: int | None = None
 
     @classmethod
-    def start(cls, workdir: Path, bin_dir: Path | None = None, timeout: float = 90.0) -> ControlPlane:
+    def start(
+        cls,
+        workdir: Path,
+        bin_dir: Path | None = None,
+        timeout: float = 90.0,
+        *,
+        address: str = "127.0.0.1",
+        real_node: bool = False,
+    ) -> ControlPlane:
         """Start all three and return once the API server is ready.
 
         The controller manager is started but not waited for; ``wait_ready``
         does that, so callers can start other things meanwhile.
+
+        ``address`` is where the API server listens and what it advertises.
+        ``real_node`` is for a cluster with a real kubelet (``tests.cluster.node``):
+        pods must reach the API server (``address`` must not be loopback; the
+        ``kubernetes`` Service's endpoint is kept by the lease reconciler, and
+        the self-signed serving certificate covers ``address`` and the Service
+        IP), a kube-scheduler binds pods, the endpoint controllers run, and
+        admission is hardened (``REAL_NODE_ADMISSION``).
         """
         bin_dir = bin_dir or find_binaries()
         workdir = workdir.resolve()
@@ -147,14 +181,29 @@ class ControlPlane:
             services.append(etcd)
             wait_until(lambda: _answers(f"{etcd_url}/health"), timeout=timeout, what="etcd", services=services)
 
-            server = f"https://127.0.0.1:{api_port}"
+            server = f"https://{address}:{api_port}"
+            if real_node:
+                node_flags = [
+                    "--endpoint-reconciler-type=lease",
+                    f"--enable-admission-plugins={','.join(REAL_NODE_ADMISSION)}",
+                    # kubectl logs/exec: the apiserver dials the kubelet at the node's InternalIP.
+                    "--kubelet-preferred-address-types=InternalIP",
+                    # Webhooks and aggregated APIs (Kueue's) by their pods' IPs, which the host routes
+                    # to; ClusterIPs exist only inside the node's network namespace.
+                    "--enable-aggregator-routing=true",
+                ]
+            else:
+                # The "kubernetes" Service would get an Endpoints object with
+                # 127.0.0.1, which validation rejects (loopback); it would log
+                # that error every ten seconds.
+                node_flags = ["--endpoint-reconciler-type=none"]
             apiserver = Service.spawn(
                 "kube-apiserver",
                 [
                     str(bin_dir / "kube-apiserver"),
                     f"--etcd-servers={etcd_url}",
-                    "--bind-address=127.0.0.1",
-                    "--advertise-address=127.0.0.1",
+                    f"--bind-address={address}",
+                    f"--advertise-address={address}",
                     f"--secure-port={api_port}",
                     f"--cert-dir={pki}",
                     "--service-cluster-ip-range=10.0.0.0/24",
@@ -164,12 +213,11 @@ class ControlPlane:
                     f"--service-account-issuer={server}/",
                     f"--service-account-key-file={sa_pub}",
                     f"--service-account-signing-key-file={sa_key}",
-                    # The "kubernetes" Service would get an Endpoints object with
-                    # 127.0.0.1, which validation rejects (loopback); it would log
-                    # that error every ten seconds.
-                    "--endpoint-reconciler-type=none",
+                    *node_flags,
                 ],
                 logs,
+                # Its graceful stop waits on etcd, which dies at the same moment: it would hang.
+                on_parent_death=signal.SIGKILL,
             )
             services.append(apiserver)
             # Self-signed by the API server at start-up: a CA and a serving
@@ -198,35 +246,64 @@ class ControlPlane:
                         "--bind-address=127.0.0.1",
                         f"--secure-port={kcm_port}",
                         f"--cert-dir={workdir / 'kcm-pki'}",
-                        f"--controllers={','.join(CONTROLLERS)}",
+                        f"--controllers={','.join(REAL_NODE_CONTROLLERS if real_node else CONTROLLERS)}",
                         f"--root-ca-file={ca_file}",
                         f"--service-account-private-key-file={sa_key}",
                     ],
                     logs,
                 )
             )
+            scheduler_port = None
+            if real_node:
+                scheduler_port = free_port()
+                services.append(
+                    Service.spawn(
+                        "kube-scheduler",
+                        [
+                            str(bin_dir / "kube-scheduler"),
+                            f"--kubeconfig={kubeconfig}",
+                            f"--authentication-kubeconfig={kubeconfig}",
+                            f"--authorization-kubeconfig={kubeconfig}",
+                            "--leader-elect=false",
+                            "--bind-address=127.0.0.1",
+                            f"--secure-port={scheduler_port}",
+                            f"--cert-dir={workdir / 'scheduler-pki'}",
+                        ],
+                        logs,
+                    )
+                )
         except BaseException:
             stop_all(services)
             raise
-        return cls(workdir, bin_dir, server, token, ca_file, kubeconfig, kcm_port, services)
+        return cls(workdir, bin_dir, server, token, ca_file, kubeconfig, kcm_port, services, scheduler_port)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """Wait for the controller manager's /healthz."""
-        # Its serving certificate is self-signed and only used for this probe.
+        """Wait for the controller manager's (and the scheduler's) /healthz."""
+        # Their serving certificates are self-signed and only used for this probe.
         insecure = ssl.create_default_context()
         insecure.check_hostname = False
         insecure.verify_mode = ssl.CERT_NONE
-        wait_until(
-            lambda: _answers(f"https://127.0.0.1:{self.kcm_port}/healthz", context=insecure),
-            timeout=timeout,
-            what="kube-controller-manager /healthz",
-            services=self.services,
-        )
+        ports = {"kube-controller-manager": self.kcm_port, "kube-scheduler": self.scheduler_port}
+        for name, port in ports.items():
+            if port is not None:
+                url = f"https://127.0.0.1:{port}/healthz"
+                wait_until(
+                    functools.partial(_answers, url, context=insecure),
+                    timeout=timeout,
+                    what=f"{name} /healthz",
+                    services=self.services,
+                )
 
     def ensure_running(self) -> None:
         for service in self.services:
             service.ensure_running()
 
     def stop(self) -> None:
-        """Stop the controller manager, then the API server, then etcd."""
-        stop_all(list(reversed(self.services)))
+        """Stop the scheduler and controller manager, then the API server, then etcd.
+
+        The API server gets two seconds: with the lease endpoint reconciler it
+        spends ten removing itself from the ``kubernetes`` Service of a cluster
+        that is about to vanish with its etcd.
+        """
+        for service in reversed(self.services):
+            stop_all([service], timeout=2.0 if service.name == "kube-apiserver" else 10.0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import socket
@@ -34,15 +35,6 @@ def die_with_parent(sig: signal.Signals = signal.SIGKILL) -> None:
     etcd, the API server and every container process running.
     """
     _LIBC.prctl(_PR_SET_PDEATHSIG, sig)
-
-
-def terminate_with_parent() -> None:
-    """Pre-exec hook for the helpers: SIGTERM when the parent dies.
-
-    A signal they handle, so the fake kubelet still kills its containers'
-    process groups (grandchildren included) on the way out.
-    """
-    die_with_parent(signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -80,7 +72,14 @@ class Service:
         log_dir: Path,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        on_parent_death: signal.Signals = signal.SIGTERM,
     ) -> Service:
+        """Start ``argv``; ``on_parent_death`` is the signal it gets if this process dies first.
+
+        SIGTERM lets a helper clean up on its way out; SIGKILL is for one whose
+        graceful stop needs peers that die at the same moment (the API server's
+        waits on etcd).
+        """
         log_dir.mkdir(parents=True, exist_ok=True)
         log = log_dir / f"{name}.log"
         with log.open("ab") as out:
@@ -92,7 +91,7 @@ class Service:
                 env=dict(env) if env is not None else None,
                 cwd=cwd,
                 start_new_session=True,
-                preexec_fn=terminate_with_parent,  # noqa: PLW1509 - the hook only calls prctl(2)
+                preexec_fn=functools.partial(die_with_parent, on_parent_death),  # noqa: PLW1509 - only prctl(2)
             )
         return cls(name, popen, log)
 

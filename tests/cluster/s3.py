@@ -34,13 +34,14 @@ class S3Server:
     region: str = "us-east-1"
 
     @classmethod
-    def start(cls, log_dir: Path) -> S3Server:
-        """Start the server; ``wait_ready`` waits for it (it takes a second or two to import)."""
+    def start(cls, log_dir: Path, host: str = "127.0.0.1") -> S3Server:
+        """Start the server on ``host``; ``wait_ready`` waits for it (it takes a second or two to import).
+
+        With a real node, ``host`` is the host's end of the node's link, which pods reach too.
+        """
         port = free_port()
-        service = Service.spawn(
-            "s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], log_dir
-        )
-        return cls(f"http://127.0.0.1:{port}", service)
+        service = Service.spawn("s3", [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)], log_dir)
+        return cls(f"http://{host}:{port}", service)
 
     @property
     def host(self) -> str:
