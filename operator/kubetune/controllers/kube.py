@@ -8,6 +8,7 @@ settings built from a FineTune's credentials Secret.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import threading
 import time
@@ -47,9 +48,34 @@ class KubeAPI(Protocol):
     def pods(self, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]: ...
 
 
+# Where each kind the controllers create lives in the API.
+PATHS = {
+    "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
+    "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
+    "Service": "/api/v1/namespaces/{ns}/services",
+    "Deployment": "/apis/apps/v1/namespaces/{ns}/deployments",
+    "Event": "/api/v1/namespaces/{ns}/events",
+}
+MERGE_PATCH = "application/merge-patch+json"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
+
+
+def _custom_path(plural: str, namespace: str | None, name: str = "") -> str:
+    base = f"/apis/{API_GROUP}/{API_VERSION}"
+    where = f"/namespaces/{namespace}" if namespace is not None else ""
+    return f"{base}{where}/{plural}" + (f"/{name}" if name else "")
+
+
 @dataclass
 class Kube:
-    """The operator's API access, shared by the controllers (implements :class:`KubeAPI`)."""
+    """The operator's API access, shared by the controllers (implements :class:`KubeAPI`).
+
+    Requests go through the Kubernetes client's transport (its configuration, auth,
+    TLS, timeouts and connection pool) but send and return plain JSON: the generated
+    API classes would validate every body into models and back (with pydantic, in
+    client 33+), which cost more CPU per FineTune than everything else the operator
+    does for it.
+    """
 
     api: k8s.ApiClient
     # Credentials read from Secrets, by (namespace, name), for a short while: the
@@ -57,126 +83,110 @@ class Kube:
     _secrets: dict[tuple[str, str], tuple[float, dict[str, str]]] = field(default_factory=dict)
     secret_ttl: float = 30.0
 
-    @property
-    def core(self) -> k8s.CoreV1Api:
-        return k8s.CoreV1Api(self.api)
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str = "application/json",
+    ) -> Any:
+        """One API request; the decoded JSON answer. Raises ApiException for an error status."""
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        serialized = self.api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=query or None,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(*serialized)
+        data = response.read()  # type: ignore[no-untyped-call]
+        if not 200 <= response.status <= 299:
+            raise ApiException.from_response(http_resp=response, body=data.decode(errors="replace"), data=None)
+        return json.loads(data) if data else None
 
-    @property
-    def batch(self) -> k8s.BatchV1Api:
-        return k8s.BatchV1Api(self.api)
-
-    @property
-    def custom(self) -> k8s.CustomObjectsApi:
-        return k8s.CustomObjectsApi(self.api)
-
-    @property
-    def apps(self) -> k8s.AppsV1Api:
-        return k8s.AppsV1Api(self.api)
-
-    def warm_up(self) -> None:
-        """Load the API client's modules now rather than while the first objects wait.
-
-        The client imports each API group's module on first use (core/v1 alone is
-        ~0.5 s of CPU: every method is wrapped by pydantic), and so does boto3.
-        """
-        for api in (k8s.CoreV1Api, k8s.BatchV1Api, k8s.CustomObjectsApi, k8s.AppsV1Api):
-            api(self.api)
-        storage.warm_up()
-
-    def read_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def _get(self, path: str, **kwargs: Any) -> dict[str, Any] | None:
+        """GET ``path``; None when it does not exist."""
         try:
-            return self._to_dict(self.apps.read_namespaced_deployment(name, namespace))
+            found: dict[str, Any] = self.request("GET", path, **kwargs)
         except ApiException as e:
             if e.status == 404:
                 return None
             raise
+        return found
+
+    def warm_up(self) -> None:
+        """Load boto3 and the S3 service model now rather than while the first objects wait."""
+        storage.warm_up()
+
+    def read_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._get(PATHS["Deployment"].format(ns=namespace) + f"/{name}")
 
     def patch_deployment(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        return self._to_dict(self.apps.patch_namespaced_deployment(name, namespace, patch))
+        path = PATHS["Deployment"].format(ns=namespace) + f"/{name}"
+        patched: dict[str, Any] = self.request("PATCH", path, body=patch, content_type=STRATEGIC_MERGE_PATCH)
+        return patched
 
     def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         """Patch a Job; one that is gone already is not an error (its FineTune hears of that)."""
         try:
-            self.batch.patch_namespaced_job(name, namespace, patch)
+            self.request("PATCH", PATHS["Job"].format(ns=namespace) + f"/{name}", body=patch,
+                         content_type=STRATEGIC_MERGE_PATCH)  # fmt: skip
         except ApiException as e:
             if e.status != 404:
                 raise
 
     def delete_deployment(self, namespace: str, name: str) -> None:
         try:
-            self.apps.delete_namespaced_deployment(name, namespace, propagation_policy="Background")
+            self.request("DELETE", PATHS["Deployment"].format(ns=namespace) + f"/{name}",
+                         body={"propagationPolicy": "Background"})  # fmt: skip
         except ApiException as e:
             if e.status != 404:
                 raise
 
     def pods(self, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
         selector = ",".join(f"{k}={v}" for k, v in labels.items())
-        return [self._to_dict(p) for p in self.core.list_namespaced_pod(namespace, label_selector=selector).items]
-
-    def _to_dict(self, obj: Any) -> dict[str, Any]:
-        data: dict[str, Any] = self.api.sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]
-        return data
+        listed = self.request("GET", f"/api/v1/namespaces/{namespace}/pods", query=[("labelSelector", selector)])
+        items: list[dict[str, Any]] = listed["items"]
+        return items
 
     def create_or_adopt(self, manifest: dict[str, Any], owner_uid: str) -> tuple[dict[str, Any], bool]:
         """Create ``manifest``; if it exists and is ours, return it. (object, created)."""
         kind = manifest["kind"]
         ns = manifest["metadata"]["namespace"]
         name = manifest["metadata"]["name"]
-        create: Any
-        read: Any
-        create, read = {
-            "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
-            "ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
-            "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service),
-            "Deployment": (self.apps.create_namespaced_deployment, self.apps.read_namespaced_deployment),
-        }[kind]
+        path = PATHS[kind].format(ns=ns)
         try:
-            return self._to_dict(create(ns, manifest)), True
+            created: dict[str, Any] = self.request("POST", path, body=manifest)
+            return created, True
         except ApiException as e:
             if e.status != 409:
                 raise
-        existing = self._to_dict(read(name, ns))
+        existing = self._get(f"{path}/{name}")
+        if existing is None:  # gone between the two calls: the next reconcile creates it
+            raise ForeignObjectError(f"{kind} {ns}/{name} was there a moment ago and is gone")
         if not owned_by(existing, owner_uid):
             raise ForeignObjectError(f"{kind} {ns}/{name} exists and is not owned by this object")
         return existing, False
 
     def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self._to_dict(self.batch.read_namespaced_job(name, namespace))
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+        return self._get(PATHS["Job"].format(ns=namespace) + f"/{name}")
 
     def job_pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
-        pods = self.core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job}")
-        return [self._to_dict(p) for p in pods.items]
+        return self.pods(namespace, {"batch.kubernetes.io/job-name": job})
 
     def patch_status(self, plural: str, namespace: str | None, name: str, status: dict[str, Any]) -> None:
-        body = {"status": status}
-        if namespace is None:
-            self.custom.patch_cluster_custom_object_status(API_GROUP, API_VERSION, plural, name, body)
-        else:
-            self.custom.patch_namespaced_custom_object_status(API_GROUP, API_VERSION, namespace, plural, name, body)
+        path = _custom_path(plural, namespace, name) + "/status"
+        self.request("PATCH", path, body={"status": status}, content_type=MERGE_PATCH)
 
     def get_custom(self, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None:
-        try:
-            if namespace is None:
-                obj = self.custom.get_cluster_custom_object(API_GROUP, API_VERSION, plural, name)
-            else:
-                obj = self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, plural, name)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        result: dict[str, Any] = obj  # type: ignore[assignment]
-        return result
+        return self._get(_custom_path(plural, namespace, name))
 
     def list_custom(self, plural: str, namespace: str) -> list[dict[str, Any]]:
-        listed: dict[str, Any] = self.custom.list_namespaced_custom_object(  # type: ignore[assignment]
-            API_GROUP, API_VERSION, namespace, plural
-        )
-        items: list[dict[str, Any]] = listed["items"]
+        items: list[dict[str, Any]] = self.request("GET", _custom_path(plural, namespace))["items"]
         return items
 
     def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
@@ -185,46 +195,48 @@ class Kube:
         cached = self._secrets.get(key)
         if cached is not None and time.monotonic() - cached[0] < self.secret_ttl:
             return cached[1]
-        try:
-            secret = self.core.read_namespaced_secret(name, namespace)
-        except ApiException as e:
-            if e.status == 404:
-                self._secrets.pop(key, None)
-                return None
-            raise
-        data = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+        secret = self._get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
+        if secret is None:
+            self._secrets.pop(key, None)
+            return None
+        data = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
         self._secrets[key] = (time.monotonic(), data)
         return data
 
     def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """Post a core/v1 Event about ``obj``; never fails the caller."""
-        meta = obj["metadata"]
-        ts = datetime.now(UTC)
-        event: dict[str, Any] = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta.get("namespace") or "default"},
-            "involvedObject": {
-                "apiVersion": obj.get("apiVersion"),
-                "kind": obj.get("kind"),
-                "name": meta["name"],
-                "namespace": meta.get("namespace"),
-                "uid": meta.get("uid"),
-            },
-            "type": type_,
-            "reason": reason,
-            "message": message[:1024],
-            "source": {"component": "kubetune-operator"},
-            "firstTimestamp": ts.isoformat(),
-            "lastTimestamp": ts.isoformat(),
-            "count": 1,
-            "reportingComponent": "kubetune.io/operator",
-            "reportingInstance": "kubetune-operator",
-        }
+        event = build_event(obj, type_, reason, message)
         try:
-            self.core.create_namespaced_event(event["metadata"]["namespace"], event)  # type: ignore[arg-type]
+            self.request("POST", PATHS["Event"].format(ns=event["metadata"]["namespace"]), body=event)
         except ApiException as e:
-            log.warning("could not post event %s on %s: %s", reason, meta["name"], e.reason)
+            log.warning("could not post event %s on %s: %s", reason, obj["metadata"]["name"], e.reason)
+
+
+def build_event(obj: dict[str, Any], type_: str, reason: str, message: str) -> dict[str, Any]:
+    """A core/v1 Event about ``obj``."""
+    meta = obj["metadata"]
+    ts = datetime.now(UTC).isoformat()
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta.get("namespace") or "default"},
+        "involvedObject": {
+            "apiVersion": obj.get("apiVersion"),
+            "kind": obj.get("kind"),
+            "name": meta["name"],
+            "namespace": meta.get("namespace"),
+            "uid": meta.get("uid"),
+        },
+        "type": type_,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": "kubetune-operator"},
+        "firstTimestamp": ts,
+        "lastTimestamp": ts,
+        "count": 1,
+        "reportingComponent": "kubetune.io/operator",
+        "reportingInstance": "kubetune-operator",
+    }
 
 
 class StatusBook:
