@@ -24,7 +24,9 @@
 #   venv module, imported into podman — the public python slim image cannot be
 #   pulled here. The Dockerfile takes it through the PYTHON_IMAGE build arg;
 # - the host's CA bundle reaches pip only as a build secret (never a layer);
-#   pip's cache is a build cache mount kept under the cache folder.
+#   pip's cache is a build cache mount kept under the cache folder (it stays
+#   empty where the package index's responses carry no cache headers, as behind
+#   this machine's proxy: then the layer cache alone makes rebuilds fast).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -41,6 +43,8 @@ DEBIAN_SUITE="bookworm"
 DEBIAN_MIRROR="${KUBETUNE_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 BASE_PACKAGES="python3,python3-venv,python-is-python3,ca-certificates"
 CA_BUNDLE="${KUBETUNE_BUILD_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
+
+BUILT=""
 
 log() { echo "images: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -160,6 +164,7 @@ build_target() {
     --target "$target" -t "$ref" -f "$REPO/Dockerfile" "$REPO" >"$ROOT/tmp/build-$name.log" 2>&1 \
     || { tail -n 30 "$ROOT/tmp/build-$name.log" >&2; die "building $ref failed (log: $ROOT/tmp/build-$name.log)"; }
   log "$ref built in $(($(now) - t0)) s"
+  BUILT=1
   save_archive "$name" "$ref" "$archive"
 }
 
@@ -277,9 +282,12 @@ main() {
         build_target "$t" "$([[ $t == operator ]] && echo "$OPERATOR_REF" || echo "$TRAINER_REF")" "$t" "$base" "$key"
         ;;
       pause) build_pause ;;
-      *) die "unknown image '$t' (operator, trainer, pause, check, podman ...)" ;;
+      *) die "unknown image '$t' (operator, trainer, pause, check, refs, podman ...)" ;;
     esac
   done
+  # Untagged leftovers of earlier builds (after a pyproject.toml change, a
+  # gigabytes-large dependency layer); the layers of the tagged images stay.
+  if [[ -n $BUILT ]]; then podman image prune --force >/dev/null; fi
 }
 
 main "$@"
