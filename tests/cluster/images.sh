@@ -263,13 +263,14 @@ main() {
     check)
       setup_podman
       # The images the archives hold (podman's own tags may be of another build).
-      local name ref archive key
+      local name ref archive key built
+      built=$(main operator trainer)
       while read -r name ref archive; do
         key=${archive##*-}
         key=${key%.tar}
         [[ "$(podman image inspect --format '{{index .Labels "io.kubetune.sources"}}' "$ref" 2>/dev/null)" == "$key" ]] \
           || podman load --quiet -i "$archive" >/dev/null
-      done < <(main operator trainer)
+      done <<<"$built"
       check
       return
       ;;
