@@ -34,7 +34,7 @@ CACHE_ROOT="${KUBETUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kubetune}"
 ROOT="$CACHE_ROOT/images"
 ARCHIVES="$ROOT/archives"
 PODMAN_DIR="$ROOT/podman"
-# The image names: tests/cluster/images.py reads them from these lines.
+# The image names, here only: tests/cluster/images.py asks `images.sh refs`.
 OPERATOR_REF="localhost/kubetune-operator:dev"
 TRAINER_REF="localhost/kubetune-trainer:dev"
 PAUSE_REF="localhost/kubetune-pause:dev"
@@ -174,8 +174,8 @@ save_archive() {
   rm -f "$archive.part"
   podman save --quiet --format docker-archive -o "$archive.part" "$ref" >/dev/null
   mv "$archive.part" "$archive"
-  # Keep one archive per image: the trainer's is gigabytes.
-  find "$ARCHIVES" -maxdepth 1 -name "$name-*.tar" ! -path "$archive" -delete
+  # Keep one archive per image (the trainer's is gigabytes), and no interrupted saves.
+  find "$ARCHIVES" -maxdepth 1 -name "$name-*.tar*" ! -path "$archive" -delete
   log "$ref saved in $(($(now) - t0)) s: $archive ($(du -h "$archive" | cut -f1))"
   echo "$name $ref $archive"
 }
