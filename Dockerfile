@@ -3,63 +3,89 @@
 # Two images from one file:
 #   docker build --target operator -t ghcr.io/kubetune/operator:0.1.0 .
 #   docker build --target trainer  -t ghcr.io/kubetune/trainer:0.1.0 .
+# (podman/buildah build the same way: `podman build --target operator ...`.)
 #
 # `operator` runs `kubetune operator` (kopf, the Kubernetes client; no torch).
 # `trainer` runs `kubetune-trainer` in training pods and serves adapters in the
 # pods of the `kubetune` runtime (CUDA-capable torch: PyPI's Linux x86_64 torch
 # wheel bundles the CUDA libraries, so the base needs no CUDA of its own).
 #
-# Builder stages turn the project and every dependency into wheels; the final
-# stages install those wheels offline from a bind mount, so no wheel, compiler
-# or pip cache ends up in a final layer. Both run as the non-root UID 65532.
+# Layers, from the bottom: the base image; a virtualenv at /opt/kubetune; the
+# third-party dependencies (they change only with pyproject.toml, so a source
+# change rebuilds none of torch's gigabytes); the project's own wheel (small,
+# rebuilt on every source change). pip's cache is a build cache mount and never
+# reaches a layer. The project's wheel (~140 kB) is COPYed in and removed again,
+# so it stays in one small layer: COPY is cached by content in every builder,
+# while buildah reuses a `RUN --mount=type=bind,from=<stage>` layer after the
+# stage it mounts has changed (stale images). Both images run as the non-root
+# UID 65532 and work with a read-only root filesystem (HOME included) given a
+# writable /tmp (the Helm chart's and the operator's pods mount emptyDirs there;
+# training pods also a scratch folder for HF_HOME and TMPDIR).
 #
-# Release builds pin the base by digest as well as by tag, e.g.
-#   FROM python:3.11.11-slim-bookworm@sha256:<digest>
-# (`docker buildx imagetools inspect python:3.11.11-slim-bookworm` prints it).
+# Build arguments:
+#   PYTHON_IMAGE  the base: any Debian-like image with Python 3.11+ (python3 and
+#                 its venv module), groupadd and useradd. The default is the public
+#                 python slim image; release builds pin it by digest as well, e.g.
+#                 python:3.11.11-slim-bookworm@sha256:<digest>
+#                 (`docker buildx imagetools inspect python:3.11.11-slim-bookworm`
+#                 prints it). The project's tests, where no registry is reachable,
+#                 pass a stand-in built from Debian packages (tests/cluster/images.sh).
+#
+# Build secret (optional): `cacert`, a CA bundle for pip's TLS to the package
+# index, for builds behind a TLS-intercepting proxy:
+#   docker build --secret id=cacert,src=/etc/ssl/certs/ca-certificates.crt ...
+# It is mounted only while pip runs and is never written to a layer.
 
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 ARG KUBETUNE_VERSION=0.1.0
 # bitsandbytes: QLoRA loads the base model in 4 bits with it (CUDA only; trainer image only).
 ARG BITSANDBYTES_VERSION=0.49.2
 
-# ---------------------------------------------------------------- builders
-FROM python:3.11.11-slim-bookworm AS builder
-ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY operator/ operator/
-COPY trainer/ trainer/
-
-# The project's wheel and the wheels of all it needs, one set per image: building
-# the operator image never downloads torch.
-FROM builder AS operator-wheels
-RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels ".[operator]"
-
-FROM builder AS trainer-wheels
-ARG BITSANDBYTES_VERSION
-RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels \
-        ".[trainer]" "bitsandbytes==${BITSANDBYTES_VERSION}"
-
 # ---------------------------------------------------------------- runtime base
-FROM python:3.11.11-slim-bookworm AS runtime
+FROM ${PYTHON_IMAGE} AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/kubetune \
+    PATH=/opt/kubetune/bin:$PATH
 # A passwd entry for 65532: getpass.getuser() (kopf's peer identity, torch's
-# cache paths) fails for a UID without one.
+# cache paths) fails for a UID without one. The virtualenv keeps the project
+# apart from the base's own Python packages (and works on bases whose system
+# Python is marked externally managed).
 RUN groupadd --system --gid 65532 kubetune \
  && useradd --system --uid 65532 --gid 65532 --home-dir /home/kubetune --create-home \
-        --shell /usr/sbin/nologin kubetune
+        --shell /usr/sbin/nologin kubetune \
+ && python3 -m venv /opt/kubetune
 WORKDIR /home/kubetune
 
+# ---------------------------------------------------------------- the project's wheel
+FROM runtime AS wheel
+COPY pyproject.toml README.md /src/
+COPY operator/ /src/operator/
+COPY trainer/ /src/trainer/
+RUN --mount=type=cache,id=kubetune-pip,target=/root/.cache/pip,sharing=locked \
+    --mount=type=secret,id=cacert \
+    if [ -f /run/secrets/cacert ]; then export PIP_CERT=/run/secrets/cacert; fi \
+ && pip wheel --no-deps --wheel-dir /wheels /src
+
 # ---------------------------------------------------------------- operator
-FROM runtime AS operator
+FROM runtime AS operator-deps
+# Only pyproject.toml: its dependencies and the `operator` extra, read with tomllib.
+COPY pyproject.toml /tmp/kubetune/
+RUN --mount=type=cache,id=kubetune-pip,target=/root/.cache/pip,sharing=locked \
+    --mount=type=secret,id=cacert \
+    if [ -f /run/secrets/cacert ]; then export PIP_CERT=/run/secrets/cacert; fi \
+ && python -c 'import sys, tomllib; p = tomllib.load(open(sys.argv[1], "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["operator"]))' \
+        /tmp/kubetune/pyproject.toml > /tmp/kubetune/requirements.txt \
+ && pip install -r /tmp/kubetune/requirements.txt \
+ && rm -rf /tmp/kubetune
+
+FROM operator-deps AS operator
 ARG KUBETUNE_VERSION
-RUN --mount=type=bind,from=operator-wheels,source=/wheels,target=/wheels \
-    python -m pip install --no-cache-dir --no-index --find-links /wheels \
-        "kubetune[operator]==${KUBETUNE_VERSION}" \
+COPY --from=wheel /wheels/ /tmp/wheels/
+# --no-index: every dependency must already be in the layer below.
+RUN pip install --no-cache-dir --no-index --find-links /tmp/wheels "kubetune[operator]==${KUBETUNE_VERSION}" \
+ && rm -rf /tmp/wheels \
  && kubetune --help >/dev/null
 LABEL org.opencontainers.image.title="kubetune-operator" \
       org.opencontainers.image.version="${KUBETUNE_VERSION}" \
@@ -70,12 +96,22 @@ EXPOSE 8080 8081
 ENTRYPOINT ["kubetune", "operator"]
 
 # ---------------------------------------------------------------- trainer
-FROM runtime AS trainer
-ARG KUBETUNE_VERSION
+FROM runtime AS trainer-deps
 ARG BITSANDBYTES_VERSION
-RUN --mount=type=bind,from=trainer-wheels,source=/wheels,target=/wheels \
-    python -m pip install --no-cache-dir --no-index --find-links /wheels \
-        "kubetune[trainer]==${KUBETUNE_VERSION}" "bitsandbytes==${BITSANDBYTES_VERSION}" \
+COPY pyproject.toml /tmp/kubetune/
+RUN --mount=type=cache,id=kubetune-pip,target=/root/.cache/pip,sharing=locked \
+    --mount=type=secret,id=cacert \
+    if [ -f /run/secrets/cacert ]; then export PIP_CERT=/run/secrets/cacert; fi \
+ && python -c 'import sys, tomllib; p = tomllib.load(open(sys.argv[1], "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["trainer"]))' \
+        /tmp/kubetune/pyproject.toml > /tmp/kubetune/requirements.txt \
+ && pip install -r /tmp/kubetune/requirements.txt "bitsandbytes==${BITSANDBYTES_VERSION}" \
+ && rm -rf /tmp/kubetune
+
+FROM trainer-deps AS trainer
+ARG KUBETUNE_VERSION
+COPY --from=wheel /wheels/ /tmp/wheels/
+RUN pip install --no-cache-dir --no-index --find-links /tmp/wheels "kubetune[trainer]==${KUBETUNE_VERSION}" \
+ && rm -rf /tmp/wheels \
  && kubetune-trainer --help >/dev/null
 LABEL org.opencontainers.image.title="kubetune-trainer" \
       org.opencontainers.image.version="${KUBETUNE_VERSION}" \
