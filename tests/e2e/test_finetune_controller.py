@@ -221,9 +221,9 @@ def test_template_defaults_apply_under_the_spec(cluster: Cluster, operator: Oper
         (job,) = wait_for("the Job", lambda: jobs(cluster, ns))
         assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "platform"
         assert job["spec"]["backoffLimit"] == 1
-        config = get(cluster, ns, "configmap", "templated-trainer-config")
-        assert json.loads(config["data"]["config.json"])["training"]["seed"] == 7  # type: ignore[index]
-        assert json.loads(config["data"]["config.json"])["training"]["epochs"] == 8  # type: ignore[index]
+        config = json.loads(job["spec"]["template"]["metadata"]["annotations"]["kubetune.io/trainer-config"])
+        assert config["training"]["seed"] == 7
+        assert config["training"]["epochs"] == 8
     finally:
         cluster.kubectl("delete", "finetunetemplate", template["metadata"]["name"], check=False)
 
@@ -376,6 +376,3 @@ def test_deleting_a_finetune_removes_its_job(cluster: Cluster, operator: Operato
     cluster.kubectl("delete", "ft", "short-lived", "-n", ns, "--timeout=60s")
     # The garbage collector removes what the FineTune owned.
     wait_for("no Job", lambda: not jobs(cluster, ns) or None, timeout=60)
-    wait_for(
-        "no ConfigMap", lambda: get(cluster, ns, "configmap", "short-lived-trainer-config") is None or None, timeout=60
-    )

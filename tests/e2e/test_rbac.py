@@ -169,7 +169,7 @@ def test_happy_path_with_the_charts_service_account_uses_every_rule(
         wait_for("the second Job, suspended", lambda: get(cluster, ns, "job", "second-train"))
         wait_for("its status", lambda: (get(cluster, ns, "ft", "second") or {}).get("status", {}).get("jobName"))
         # As if the operator had stopped between creating the Job and writing status: the restarted
-        # one re-reads (GET) the ConfigMap and Job that exist and adopts them instead of creating twins.
+        # one re-reads (GET) the Job that exists and adopts it instead of creating a twin.
         chart_operator.stop()
         no_status = ["--subresource=status", "--type=merge", "-p", '{"status":null}']
         cluster.kubectl("patch", "ft", "second", "-n", ns, *no_status)

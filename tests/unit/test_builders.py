@@ -1,4 +1,4 @@
-"""The pure builders: every FineTune field's effect on the Job, ConfigMap and status, without a cluster."""
+"""The pure builders: every FineTune field's effect on the Job and status, without a cluster."""
 
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def test_command_mounts_and_restricted_security() -> None:
     assert pod["automountServiceAccountToken"] is False
     assert pod["restartPolicy"] == "Never"
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes["config"]["configMap"]["name"] == "support-bot-v1-trainer-config"
+    assert volumes["config"]["downwardAPI"]["items"][0]["path"] == "config.json"
 
 
 def test_image_comes_from_spec_then_template_then_settings() -> None:
@@ -217,15 +217,16 @@ def test_hf_endpoint_reaches_the_pod() -> None:
 # ----------------------------------------------------------------------------- the trainer config
 
 
-def test_config_map_holds_the_resolved_config_and_no_credentials() -> None:
+def test_the_job_carries_the_resolved_config_and_no_credentials() -> None:
     ft, raw = finetune(
         training={"learningRate": "1e-4", "epochs": 2, "maxSeqLength": 512},
         method={"type": "DoRA", "lora": {"rank": 8, "dropout": "0.1"}},
         evaluation={"gates": [{"metric": "exact_match", "minLiftOver": {"baseline": "prompted", "by": "0.05"}}]},
     )
     p = build.plan(ft, raw, None, SETTINGS)
-    cm = build.build_config_map(ft, p, SETTINGS)
-    config = json.loads(cm["data"]["config.json"])
+    job = build.build_job(ft, p, SETTINGS)
+    text = job["spec"]["template"]["metadata"]["annotations"][build.CONFIG_ANNOTATION]
+    config = json.loads(text)
     assert config["run_id"] == "0b5e1c7e-0000-4000-8000-000000000001"
     assert config["output_uri"] == "s3://adapters/team-a/support-bot-v1/0b5e1c7e-0000-4000-8000-000000000001/"
     assert config["training"]["learning_rate"] == pytest.approx(1e-4)
@@ -241,8 +242,15 @@ def test_config_map_holds_the_resolved_config_and_no_credentials() -> None:
         "uid": ft.metadata["uid"],
         "generation": 1,
     }
-    assert "AWS" not in cm["data"]["config.json"]
-    assert cm["metadata"]["ownerReferences"][0]["kind"] == "FineTune"
+    assert "AWS" not in text
+    # The pod reads it as /etc/kubetune/config.json through the downward API.
+    (volume,) = [v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "config"]
+    (item,) = volume["downwardAPI"]["items"]
+    assert item == {
+        "path": "config.json",
+        "fieldRef": {"fieldPath": "metadata.annotations['kubetune.io/trainer-config']"},
+    }
+    assert {"name": "config", "mountPath": "/etc/kubetune", "readOnly": True} in container(job)["volumeMounts"]
 
 
 def test_template_defaults_sit_under_the_spec() -> None:

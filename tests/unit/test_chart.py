@@ -36,7 +36,6 @@ REQUIRED: dict[tuple[str, str], set[str]] = {
     ("kubetune.io", "adapterdeployments/finalizers"): {"update"},
     ("kubetune.io", "finetunetemplates"): {"get"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch"},
-    ("", "configmaps"): {"get", "create"},
     ("", "services"): {"get", "create"},
     ("", "pods"): {"list"},
     ("", "secrets"): {"get"},

@@ -115,11 +115,10 @@ def succeeded_summary() -> Summary:
 # ----------------------------------------------------------------------------- launch
 
 
-def test_launch_writes_configmap_job_and_one_status_patch(kube: FakeKube, controller: FineTuneController) -> None:
+def test_launch_writes_the_job_and_one_status_patch(kube: FakeKube, controller: FineTuneController) -> None:
     obj = finetune(kube)
     controller.reconcile_safely(obj, None)
     assert kube.writes == [
-        ("create", "ConfigMap", "support-bot-v1-trainer-config"),
         ("create", "Job", "support-bot-v1-train"),
         ("patch-status", "finetunes", "support-bot-v1"),
     ]
@@ -135,7 +134,7 @@ def test_a_second_event_before_the_job_is_seen_creates_nothing(kube: FakeKube, c
     controller.reconcile(obj, None)
     controller.reconcile(obj, None)  # the Job's watch event has not arrived yet
     assert len(kube.of_kind("Job")) == 1
-    assert sum(1 for w in kube.writes if w[0] == "create") == 2
+    assert sum(1 for w in kube.writes if w[0] == "create") == 1
 
 
 def test_a_job_left_by_a_stopped_operator_is_adopted(kube: FakeKube, controller: FineTuneController) -> None:

@@ -33,9 +33,6 @@ def test_child_names_are_valid(name: str) -> None:
     assert len(job) <= 60
     assert DNS_1035_LABEL.match(f"{job}-63")
     assert len(f"{job}-63") <= 63
-    config_map = ft_build.config_map_name(name)
-    assert DNS_1123_LABEL.match(config_map)
-    assert len(config_map) <= 63
     for role in ("stable", "canary"):
         dep = adep_build.deployment_name(name, role)
         assert DNS_1123_LABEL.match(dep)

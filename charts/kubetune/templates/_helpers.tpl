@@ -69,7 +69,6 @@ per-namespace Roles cannot drift apart. The operator needs exactly:
   kubetune.io  adapterdeployments/finalizers  update   (OwnerReferencesPermissionEnforcement is on, e.g. OpenShift)
   kubetune.io  finetunetemplates          get   (cluster-scoped: always a ClusterRole)
   batch        jobs                       get list watch create patch   (owners' GC deletes them)
-  ""           configmaps                 get create
   ""           services                   get create
   ""           pods                       list
   ""           secrets                    get   (storage credentials; never list or watch)
@@ -102,9 +101,6 @@ about a minute at start-up, logging 403s, before falling back.
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-- apiGroups: [""]
-  resources: ["configmaps"]
-  verbs: ["get", "create"]
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "create"]

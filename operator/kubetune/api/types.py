@@ -237,6 +237,6 @@ class StorageSpec(KubeModel):
         description=(
             "Secret holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally "
             "AWS_SESSION_TOKEN). The keys reach the trainer as environment variables from the "
-            "Secret and are never copied into ConfigMaps, status or events."
+            "Secret and are never copied into the trainer's config, status or events."
         ),
     )

@@ -1,4 +1,4 @@
-"""FineTune → the Kubernetes objects of its training run: ConfigMap, Job, and (multi-node) a headless Service.
+"""FineTune → the objects of its training run: a Job (carrying the trainer config) and, multi-node, a Service.
 
 Pure functions of the FineTune, its template and the operator settings, so
 every spec field's effect on the Job is unit-tested without a cluster.
@@ -69,10 +69,6 @@ def job_name(finetune_name: str) -> str:
     hostname, which must stay a 63-character label for indexes up to 63.
     """
     return meta.child_name(finetune_name, "train", limit=60, letter_first=True)
-
-
-def config_map_name(finetune_name: str) -> str:
-    return meta.child_name(finetune_name, "trainer-config")
 
 
 def labels(finetune: FineTune, settings: OperatorSettings) -> dict[str, str]:
@@ -165,19 +161,12 @@ def plan(
     return Plan(spec=spec, config=config)
 
 
-def build_config_map(finetune: FineTune, plan: Plan, settings: OperatorSettings) -> dict[str, Any]:
-    """The trainer config as a ConfigMap. It holds no credentials: those stay in the Secret."""
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": config_map_name(finetune.metadata["name"]),
-            "namespace": finetune.metadata["namespace"],
-            "labels": labels(finetune, settings),
-            "ownerReferences": [owner_reference(finetune)],
-        },
-        "data": {"config.json": json.dumps(plan.config.model_dump(mode="json"), indent=2, sort_keys=True)},
-    }
+CONFIG_ANNOTATION = "kubetune.io/trainer-config"
+
+
+def trainer_config_json(plan: Plan) -> str:
+    """The resolved TrainerConfig as the pod reads it. It holds no credentials: those stay in the Secret."""
+    return json.dumps(plan.config.model_dump(mode="json"), separators=(",", ":"), sort_keys=True)
 
 
 def _trainer_command(
@@ -264,7 +253,6 @@ def _pvcs(spec: ResolvedFineTuneSpec) -> tuple[list[dict[str, Any]], list[dict[s
 
 
 def _pod_spec(finetune: FineTune, job: str, plan: Plan, settings: OperatorSettings) -> dict[str, Any]:
-    name = finetune.metadata["name"]
     res = plan.spec.resources
     pvc_volumes, pvc_mounts = _pvcs(plan.spec)
     container = _trainer_container(job, finetune.metadata["namespace"], plan, settings)
@@ -276,7 +264,19 @@ def _pod_spec(finetune: FineTune, job: str, plan: Plan, settings: OperatorSettin
         "securityContext": restricted_pod(settings.run_as_user),
         "containers": [container],
         "volumes": [
-            {"name": "config", "configMap": {"name": config_map_name(name)}},
+            # The trainer config travels in the pod template's annotation and reaches the container as a file
+            # through the downward API: no ConfigMap to create, own and clean up per FineTune.
+            {
+                "name": "config",
+                "downwardAPI": {
+                    "items": [
+                        {
+                            "path": "config.json",
+                            "fieldRef": {"fieldPath": f"metadata.annotations['{CONFIG_ANNOTATION}']"},
+                        }
+                    ]
+                },
+            },
             {"name": "scratch", "emptyDir": {}},
             {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
             *pvc_volumes,
@@ -330,7 +330,10 @@ def build_job(finetune: FineTune, plan: Plan, settings: OperatorSettings) -> dic
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]
         },
-        "template": {"metadata": {"labels": meta_labels}, "spec": _pod_spec(finetune, job, plan, settings)},
+        "template": {
+            "metadata": {"labels": meta_labels, "annotations": {CONFIG_ANNOTATION: trainer_config_json(plan)}},
+            "spec": _pod_spec(finetune, job, plan, settings),
+        },
     }
     if spec.resources.nodes > 1:
         nodes = spec.resources.nodes

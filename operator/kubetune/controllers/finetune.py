@@ -4,7 +4,7 @@ Every FineTune event (and every event of a FineTune's Job) reconciles the
 object to where its spec says it should be:
 
 - no Job yet: validate against the template, check the credentials Secret,
-  create (or adopt) the trainer ConfigMap and Job — never twice, so an operator
+  create (or adopt) the Job, which carries the trainer's config — never twice, so an operator
   restarted at any point converges;
 - a Job: mirror it (and, when it ends, the trainer's termination summary) into
   status, and make its ``suspend`` follow ``spec.runPolicy.suspend``;
@@ -14,10 +14,10 @@ The controller keeps no state in the objects it watches: no kopf annotations
 and, unless ``output.retention: Delete`` asks the operator to delete artifacts,
 no finalizer. Waits and retries (a missing template or Secret, an API error)
 go through :class:`~kubetune.controllers.scheduler.Scheduler`. Deleting a
-FineTune deletes its Job, ConfigMap and Service through their
+FineTune deletes its Job and Service through their
 ownerReferences. Status writes carry only the fields that changed.
 
-Writes per FineTune up to its Job: ConfigMap, Job, one status patch.
+Writes per FineTune up to its Job: the Job, one status patch.
 """
 
 from __future__ import annotations
@@ -92,13 +92,35 @@ def summary_from_pods(pods: list[dict[str, Any]]) -> tuple[Summary | None, str |
     return (best[1], best[2]) if best else (None, None)
 
 
+# The metadata the controllers read. Not managedFields, nor the last-applied annotation: together
+# they are most of an object's size, and the operator keeps one copy of every object in memory.
+KEPT_METADATA = ("name", "namespace", "uid", "generation", "resourceVersion", "labels", "deletionTimestamp")
+
+
 def snapshot(body: Any) -> dict[str, Any]:
-    """A plain copy of an object as kopf handed it (kopf's bodies are live views of the latest event)."""
+    """A plain copy of a kubetune object as kopf handed it (kopf's bodies are live views of the latest event)."""
+    metadata = body["metadata"]
     return {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
-        "metadata": dict(body["metadata"]),
+        "metadata": {k: metadata[k] for k in KEPT_METADATA if k in metadata},
         "spec": dict(body.get("spec") or {}),
+        "status": dict(body.get("status") or {}),
+    }
+
+
+def job_snapshot(body: Any) -> dict[str, Any]:
+    """What the controller reads of a training Job: identity, notes, suspend and size, the containers'
+    resources, the status. A whole Job (its pod template) is several times as large."""
+    metadata, spec = body["metadata"], body.get("spec") or {}
+    containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
+    resources = [{"name": c.get("name"), "resources": c.get("resources") or {}} for c in containers]
+    return {
+        "metadata": {k: metadata[k] for k in (*KEPT_METADATA, "annotations", "ownerReferences") if k in metadata},
+        "spec": {
+            **{k: spec[k] for k in ("suspend", "parallelism", "completions") if k in spec},
+            "template": {"spec": {"containers": resources}},
+        },
         "status": dict(body.get("status") or {}),
     }
 
@@ -318,7 +340,7 @@ class FineTuneController:
             raise RetryError(f"secret {plan.secret_name} {what}", 5)
 
     def launch(self, obj: dict[str, Any]) -> dict[str, Any] | None:
-        """Validate, then create (or adopt) the ConfigMap and Job; the Job, or None when the FineTune failed."""
+        """Validate, then create (or adopt) the Job; the Job, or None when the FineTune failed."""
         started = time.monotonic()
         plan = self.plan(obj)
         if plan is None:
@@ -327,7 +349,6 @@ class FineTuneController:
         finetune = FineTune.model_validate({"metadata": obj["metadata"], "spec": obj["spec"]})
         uid = obj["metadata"]["uid"]
         try:
-            self.kube.create_or_adopt(build.build_config_map(finetune, plan, self.settings), uid)
             if plan.spec.resources.nodes > 1:
                 self.kube.create_or_adopt(build.build_headless_service(finetune, self.settings), uid)
             job, created = self.kube.create_or_adopt(build.build_job(finetune, plan, self.settings), uid)
@@ -620,7 +641,7 @@ class FineTuneController:
         self.update_status(obj, lambda cur: st.stalled(cur, reason, message, generation=generation, now=now))
 
     # ------------------------------------------------------------------ delete
-    # The Job, ConfigMap and Service carry ownerReferences: the garbage collector removes
+    # The Job and Service carry ownerReferences: the garbage collector removes
     # them with the FineTune. A finalizer (one more write per FineTune, and a FineTune that
     # cannot be deleted while the operator is down) is only worth it to delete artifacts,
     # so kopf adds one only to FineTunes that ask for that.
@@ -689,7 +710,7 @@ def register(controller: FineTuneController, registry: kopf.OperatorRegistry) ->
     @kopf.index("batch", "v1", "jobs", labels={meta.FINETUNE_LABEL: kopf.PRESENT}, id="job_index", registry=registry)
     def job_index(*, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
         owner = meta.owner_uid(dict(body), "FineTune")
-        return {owner: snapshot(body)} if owner else {}
+        return {owner: job_snapshot(body)} if owner else {}
 
     @kopf.on.event(*FT, id="reconcile", registry=registry)
     def finetune_event(*, type: str, body: kopf.Body, uid: str, **kwargs: Any) -> None:
@@ -704,7 +725,7 @@ def register(controller: FineTuneController, registry: kopf.OperatorRegistry) ->
         owner = meta.owner_uid(dict(body), "FineTune")
         finetunes: list[dict[str, Any]] = list(finetune_index.get(owner, [])) if owner else []
         if finetunes:
-            controller.on_job_event(type, next(iter(finetunes)), snapshot(body))
+            controller.on_job_event(type, next(iter(finetunes)), job_snapshot(body))
 
     def deletes_artifacts(*, spec: kopf.Spec, **_: Any) -> bool:
         return FineTuneController.deletes_artifacts(dict(spec))

@@ -51,7 +51,6 @@ class KubeAPI(Protocol):
 # Where each kind the controllers create lives in the API.
 PATHS = {
     "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
-    "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
     "Service": "/api/v1/namespaces/{ns}/services",
     "Deployment": "/apis/apps/v1/namespaces/{ns}/deployments",
     "Event": "/api/v1/namespaces/{ns}/events",
