@@ -102,6 +102,14 @@ class FakeKube:
     def list_custom(self, plural: str, namespace: str) -> list[dict[str, Any]]:
         return [copy.deepcopy(o) for o in self.of_kind(plural) if o["metadata"].get("namespace") == namespace]
 
+    def patch_custom(self, plural: str, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        obj = self.get(plural, namespace, name)
+        if obj is None:
+            raise api_error(404, "NotFound")
+        merge(obj, patch)
+        obj["metadata"].pop("resourceVersion", None)
+        self.writes.append(("patch", plural, name))
+
     def patch_status(self, plural: str, namespace: str | None, name: str, status: dict[str, Any]) -> None:
         self._maybe_fail("patch_status")
         obj = self.get(plural, namespace, name)

@@ -558,3 +558,63 @@ def test_progress_is_written_when_something_visible_changes_else_at_most_once_a_
     controller.progress_written[uid] -= controller.settings.progress_status_seconds  # a minute later
     assert poll(12) == 1
     assert status(kube, obj)["progress"]["step"] == 12
+
+
+# ----------------------------------------------------------------------------- lookups and the finalizer
+
+
+def test_a_job_seen_before_its_finetune_is_followed_thanks_to_the_seed(
+    kube: FakeKube, controller: FineTuneController
+) -> None:
+    obj, job = launched(kube, controller)
+    restarted = FineTuneController(kube, controller.settings, ManualScheduler())
+    stored = kube.get("finetunes", NS, "support-bot-v1")
+    assert stored is not None
+    restarted.seed([stored], [])  # what the start-up list returned
+    trainer_pod(kube, job, succeeded_summary(), 0)
+    restarted.job_seen("ADDED", set_job(job, succeeded=1, conditions=COMPLETE))  # before the FineTune's event
+    assert status(kube, obj)["phase"] == "Succeeded"
+
+
+def test_a_job_of_an_unknown_finetune_is_ignored(kube: FakeKube, controller: FineTuneController) -> None:
+    _, job = launched(kube, controller)
+    fresh = FineTuneController(kube, controller.settings, ManualScheduler())
+    kube.writes.clear()
+    fresh.job_seen("MODIFIED", set_job(job, active=1))
+    assert kube.writes == []
+
+
+def test_the_finetune_event_finds_its_job_in_the_lookup(kube: FakeKube, controller: FineTuneController) -> None:
+    _, job = launched(kube, controller)
+    restarted = FineTuneController(kube, controller.settings, ManualScheduler())
+    restarted.seed([], [job])
+    kube.writes.clear()
+    stored = kube.get("finetunes", NS, "support-bot-v1")
+    restarted.finetune_seen("ADDED", stored)
+    assert [w for w in kube.writes if w[0] == "create"] == []  # it found its Job: nothing created twice
+
+
+def test_retention_delete_gets_the_finalizer_and_loses_it_once_the_artifacts_are_gone(
+    kube: FakeKube, controller: FineTuneController, output: Path
+) -> None:
+    obj = finetune(kube, output={"retention": "Delete"})
+    controller.finetune_seen("ADDED", obj)
+    stored = kube.get("finetunes", NS, "support-bot-v1")
+    assert stored is not None
+    assert stored["metadata"]["finalizers"] == ["kubetune.io/finalizer"]
+    run = output / NS / "support-bot-v1" / obj["metadata"]["uid"]
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "weights").write_bytes(b"w")
+    stored["metadata"]["deletionTimestamp"] = "2026-11-29T10:00:00Z"
+    controller.finetune_seen("MODIFIED", stored)
+    scheduler = controller.scheduler
+    assert isinstance(scheduler, ManualScheduler)
+    scheduler.run(("delete", obj["metadata"]["uid"]))
+    assert not (run / "adapter" / "weights").exists()
+    assert kube.get("finetunes", NS, "support-bot-v1")["metadata"]["finalizers"] == []  # type: ignore[index]
+
+
+def test_retain_gets_no_finalizer(kube: FakeKube, controller: FineTuneController) -> None:
+    obj = finetune(kube)
+    controller.finetune_seen("ADDED", obj)
+    assert not (kube.get("finetunes", NS, "support-bot-v1") or {})["metadata"].get("finalizers")

@@ -65,6 +65,7 @@ class AdapterDeploymentController:
         self.scheduler = scheduler
         self.book = StatusBook()
         self.backoff = Backoff(MAX_RETRY_DELAY_S)
+        self.adeps: dict[str, dict[str, Any]] = {}  # uid -> the AdapterDeployment as last seen (seeded at start-up)
 
     def observe(self, adep: AdapterDeployment, status: dict[str, Any]) -> ro.Observed:
         """Read what the decision needs: the Deployments, the FineTune, canary pods, the eval Job."""
@@ -175,8 +176,24 @@ class AdapterDeploymentController:
         else:
             self.scheduler.cancel(("rollout", uid))
 
+    def seed(self, adeps: list[dict[str, Any]]) -> None:
+        """Fill the lookup from a list of every AdapterDeployment, before the first event is handled."""
+        for body in adeps:
+            self.adeps[body["metadata"]["uid"]] = snapshot(body)
+
+    def child_seen(self, body: Any) -> None:
+        """A Deployment or eval Job changed: reconcile its AdapterDeployment (deduplicated by the scheduler)."""
+        owner = meta.owner_uid(dict(body), "AdapterDeployment")
+        obj = self.adeps.get(owner) if owner else None
+        if owner and obj is not None:
+            self.scheduler.call_later(("rollout", owner), 0, partial(self.reconcile_safely, obj))
+
     def on_event(self, event_type: str, obj: dict[str, Any]) -> None:
         uid = obj["metadata"]["uid"]
+        if event_type == "DELETED":
+            self.adeps.pop(uid, None)
+        else:
+            self.adeps[uid] = obj
         if event_type == "DELETED":
             self.forget(uid)  # owned Deployments, Service and Jobs go with it (ownerReferences)
             return
@@ -191,22 +208,14 @@ class AdapterDeploymentController:
 
 
 def register(controller: AdapterDeploymentController, registry: kopf.OperatorRegistry) -> None:
-    """Bind the controller to kopf: an index of AdapterDeployments, their events and their children's."""
-
-    @kopf.index(*ADEP, id="adapterdeployment_index", registry=registry)
-    def adapterdeployment_index(*, uid: str, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
-        return {uid: snapshot(body)}
+    """Bind the controller to kopf: AdapterDeployments' events, and their Deployments' and eval Jobs'."""
 
     @kopf.on.event(*ADEP, id="rollout", registry=registry)
     def adapterdeployment_event(*, type: str, body: kopf.Body, **_: Any) -> None:
         controller.on_event(type, snapshot(body))
 
-    def child_event(*, body: kopf.Body, **kwargs: Any) -> None:
-        """A Deployment or eval Job changed: reconcile its AdapterDeployment (deduplicated by the scheduler)."""
-        adapterdeployment_index: kopf.Index[str, dict[str, Any]] = kwargs["adapterdeployment_index"]
-        owner = meta.owner_uid(dict(body), "AdapterDeployment")
-        for obj in adapterdeployment_index.get(owner, []) if owner else []:
-            controller.scheduler.call_later(("rollout", owner), 0, partial(controller.reconcile_safely, obj))
+    def child_event(*, body: kopf.Body, **_: Any) -> None:
+        controller.child_seen(body)
 
     labelled = {meta.ADEP_LABEL: kopf.PRESENT}
     kopf.on.event("apps", "v1", "deployments", labels=labelled, id="deployment", registry=registry)(child_event)

@@ -27,7 +27,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from functools import partial
 from typing import Any
 
@@ -94,7 +93,19 @@ def summary_from_pods(pods: list[dict[str, Any]]) -> tuple[Summary | None, str |
 
 # The metadata the controllers read. Not managedFields, nor the last-applied annotation: together
 # they are most of an object's size, and the operator keeps one copy of every object in memory.
-KEPT_METADATA = ("name", "namespace", "uid", "generation", "resourceVersion", "labels", "deletionTimestamp")
+KEPT_METADATA = (
+    "name",
+    "namespace",
+    "uid",
+    "generation",
+    "resourceVersion",
+    "labels",
+    "deletionTimestamp",
+    "finalizers",
+)
+FINALIZER = "kubetune.io/finalizer"
+"""On FineTunes with ``output.retention: Delete`` only: their artifacts are deleted before they go."""
+DELETE_RETRY_S = 15.0
 
 
 def snapshot(body: Any) -> dict[str, Any]:
@@ -183,6 +194,10 @@ class FineTuneController:
         self.suspend_sent: dict[str, bool] = {}  # uid -> a suspend patch whose Job event has not come back
         self.running: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # uid -> (FineTune, Job) polled
         self.jobs: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # uid -> (FineTune, newest Job) followed
+        # What the watches delivered last (slim copies), for lookups without API reads: FineTunes by uid,
+        # Jobs by their FineTune's uid. Seeded by a list at start-up, before any event is handled.
+        self.finetunes: dict[str, dict[str, Any]] = {}
+        self.job_of: dict[str, dict[str, Any]] = {}
         self.progress_written: dict[str, float] = {}  # uid -> when status.progress was last written
         self.failed_seen: dict[str, int] = {}  # uid -> the Job's failed pods when last checked for OOMKilled
         self.store_down: dict[str, tuple[float, str]] = {}  # uid -> (since, error) while its store does not answer
@@ -346,6 +361,7 @@ class FineTuneController:
         if plan is None:
             return None
         self.check_credentials(obj, plan)
+        self.ensure_finalizer(obj, plan)
         finetune = FineTune.model_validate({"metadata": obj["metadata"], "spec": obj["spec"]})
         uid = obj["metadata"]["uid"]
         try:
@@ -412,8 +428,47 @@ class FineTuneController:
         ):
             state.pop(uid, None)
         self.backoff.succeeded(uid)
-        for work in ("retry", "progress", "follow"):
+        self.job_of.pop(uid, None)
+        for work in ("retry", "progress", "follow", "delete"):
             self.scheduler.cancel((work, uid))
+
+    def seed(self, finetunes: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> None:
+        """Fill the lookups from a list of every FineTune and training Job, before the first event is handled
+        (so that a Job's event always finds its FineTune, whichever arrives first)."""
+        for body in finetunes:
+            self.finetunes[body["metadata"]["uid"]] = snapshot(body)
+        for body in jobs:
+            owner = meta.owner_uid(body, "FineTune")
+            if owner:
+                self.job_of[owner] = job_snapshot(body)
+
+    def finetune_seen(self, event_type: str, body: Any) -> None:
+        """A watch event of a FineTune: remember it, then handle it."""
+        obj = snapshot(body)
+        uid = obj["metadata"]["uid"]
+        if event_type == "DELETED":
+            self.finetunes.pop(uid, None)
+        else:
+            self.finetunes[uid] = obj
+        job = self.job_of.get(uid)
+        if job is not None and job["metadata"]["name"] != build.job_name(obj["metadata"]["name"]):
+            job = None
+        self.on_finetune_event(event_type, obj, job)
+
+    def job_seen(self, event_type: str, body: Any) -> None:
+        """A watch event of a training Job: remember it, then follow it for its FineTune."""
+        job = job_snapshot(body)
+        owner = meta.owner_uid(job, "FineTune")
+        if owner is None:
+            return
+        if event_type == "DELETED":
+            if self.job_of.get(owner, {}).get("metadata", {}).get("uid") == job["metadata"].get("uid"):
+                self.job_of.pop(owner, None)
+        else:
+            self.job_of[owner] = job
+        obj = self.finetunes.get(owner)
+        if obj is not None:
+            self.on_job_event(event_type, obj, job)
 
     def on_finetune_event(self, event_type: str, obj: dict[str, Any], job: dict[str, Any] | None) -> None:
         meta_ = obj["metadata"]
@@ -421,6 +476,9 @@ class FineTuneController:
             self.forget(meta_["namespace"], meta_["name"], meta_["uid"])
             return
         if meta_.get("deletionTimestamp"):
+            if FINALIZER in (meta_.get("finalizers") or []):
+                self.scheduler.call_later(("delete", meta_["uid"]), 0, partial(self.finalize, meta_["uid"]),
+                                          keep_earlier=True)  # fmt: skip
             return  # going away: nothing to start
         self.reconcile_safely(obj, job)
 
@@ -646,6 +704,38 @@ class FineTuneController:
     # cannot be deleted while the operator is down) is only worth it to delete artifacts,
     # so kopf adds one only to FineTunes that ask for that.
 
+    def ensure_finalizer(self, obj: dict[str, Any], plan: build.Plan) -> None:
+        """A FineTune whose artifacts go with it carries the finalizer before its Job exists (one write; no
+        other FineTune gets one, so the rest can be deleted while the operator is down)."""
+        finalizers = list(obj["metadata"].get("finalizers") or [])
+        if plan.spec.output.retention != "Delete" or FINALIZER in finalizers:
+            return
+        patch = {"metadata": {"finalizers": [*finalizers, FINALIZER], "resourceVersion": obj["metadata"].get(
+            "resourceVersion")}}  # fmt: skip
+        self.kube.patch_custom(PLURAL, obj["metadata"]["namespace"], obj["metadata"]["name"], patch)
+        obj["metadata"]["finalizers"] = [*finalizers, FINALIZER]
+
+    def finalize(self, uid: str) -> None:
+        """A FineTune with the finalizer is being deleted: delete its artifacts, then let it go."""
+        obj = self.finetunes.get(uid)
+        if obj is None or FINALIZER not in (obj["metadata"].get("finalizers") or []):
+            return
+        elapsed = seconds_since(obj["metadata"].get("deletionTimestamp"))
+        try:
+            if self.delete_artifacts(obj, elapsed):
+                finalizers = [f for f in obj["metadata"].get("finalizers") or [] if f != FINALIZER]
+                patch = {
+                    "metadata": {"finalizers": finalizers, "resourceVersion": obj["metadata"].get("resourceVersion")}
+                }
+                self.kube.patch_custom(PLURAL, obj["metadata"]["namespace"], obj["metadata"]["name"], patch)
+                return
+        except ApiException as e:
+            if e.status == 404:
+                return
+            log.warning("%s/%s: could not remove the finalizer (%s)", obj["metadata"]["namespace"],
+                        obj["metadata"]["name"], why(e))  # fmt: skip
+        self.scheduler.call_later(("delete", uid), DELETE_RETRY_S, partial(self.finalize, uid))
+
     @staticmethod
     def deletes_artifacts(spec: dict[str, Any]) -> bool:
         return bool((spec.get("output") or {}).get("retention") == "Delete")
@@ -701,36 +791,17 @@ class FineTuneController:
 
 
 def register(controller: FineTuneController, registry: kopf.OperatorRegistry) -> None:
-    """Bind the controller's methods to kopf: two indexes, two event handlers, one delete handler."""
+    """Bind the controller to kopf: one event handler for FineTunes, one for their Jobs.
 
-    @kopf.index(*FT, id="finetune_index", registry=registry)
-    def finetune_index(*, uid: str, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
-        return {uid: snapshot(body)}
-
-    @kopf.index("batch", "v1", "jobs", labels={meta.FINETUNE_LABEL: kopf.PRESENT}, id="job_index", registry=registry)
-    def job_index(*, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
-        owner = meta.owner_uid(dict(body), "FineTune")
-        return {owner: job_snapshot(body)} if owner else {}
+    No kopf indexes (the controller keeps its own lookups, seeded at start-up) and no change-detecting
+    handlers (the controller manages its one finalizer itself): kopf would otherwise build a diff base
+    and index entries for every event, which was most of the operator's CPU per FineTune.
+    """
 
     @kopf.on.event(*FT, id="reconcile", registry=registry)
-    def finetune_event(*, type: str, body: kopf.Body, uid: str, **kwargs: Any) -> None:
-        job_index: kopf.Index[str, dict[str, Any]] = kwargs["job_index"]
-        name = build.job_name(body["metadata"]["name"])
-        jobs = [j for j in job_index.get(uid, []) if j["metadata"]["name"] == name]
-        controller.on_finetune_event(type, snapshot(body), jobs[0] if jobs else None)
+    def finetune_event(*, type: str, body: kopf.Body, **_: Any) -> None:
+        controller.finetune_seen(type, body)
 
     @kopf.on.event("batch", "v1", "jobs", labels={meta.FINETUNE_LABEL: kopf.PRESENT}, id="job", registry=registry)
-    def job_event(*, type: str, body: kopf.Body, **kwargs: Any) -> None:
-        finetune_index: kopf.Index[str, dict[str, Any]] = kwargs["finetune_index"]
-        owner = meta.owner_uid(dict(body), "FineTune")
-        finetunes: list[dict[str, Any]] = list(finetune_index.get(owner, [])) if owner else []
-        if finetunes:
-            controller.on_job_event(type, next(iter(finetunes)), job_snapshot(body))
-
-    def deletes_artifacts(*, spec: kopf.Spec, **_: Any) -> bool:
-        return FineTuneController.deletes_artifacts(dict(spec))
-
-    @kopf.on.delete(*FT, when=deletes_artifacts, registry=registry)
-    def delete_artifacts(*, body: kopf.Body, runtime: timedelta, **_: Any) -> None:
-        if not controller.delete_artifacts(snapshot(body), runtime.total_seconds()):
-            raise kopf.TemporaryError("the artifacts are not deleted yet", delay=15)
+    def job_event(*, type: str, body: kopf.Body, **_: Any) -> None:
+        controller.job_seen(type, body)

@@ -36,6 +36,7 @@ class KubeAPI(Protocol):
     def create_or_adopt(self, manifest: dict[str, Any], owner_uid: str) -> tuple[dict[str, Any], bool]: ...
     def get_custom(self, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None: ...
     def list_custom(self, plural: str, namespace: str) -> list[dict[str, Any]]: ...
+    def patch_custom(self, plural: str, namespace: str, name: str, patch: dict[str, Any]) -> None: ...
     def patch_status(self, plural: str, namespace: str | None, name: str, status: dict[str, Any]) -> None: ...
     def secret_data(self, namespace: str, name: str) -> dict[str, str] | None: ...
     def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None: ...
@@ -187,6 +188,21 @@ class Kube:
     def list_custom(self, plural: str, namespace: str) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = self.request("GET", _custom_path(plural, namespace))["items"]
         return items
+
+    def patch_custom(self, plural: str, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        self.request("PATCH", _custom_path(plural, namespace, name), body=patch, content_type=MERGE_PATCH)
+
+    def list_all(self, path: str, namespaces: list[str], *, label_selector: str | None = None) -> list[dict[str, Any]]:
+        """Every object at ``path`` (``/apis/batch/v1/jobs``) in ``namespaces``, or cluster-wide when empty."""
+        query = [("labelSelector", label_selector)] if label_selector else None
+        if not namespaces:
+            listed: list[dict[str, Any]] = self.request("GET", path, query=query)["items"]
+            return listed
+        group, _, resource = path.rpartition("/")
+        found: list[dict[str, Any]] = []
+        for ns in namespaces:
+            found += self.request("GET", f"{group}/namespaces/{ns}/{resource}", query=query)["items"]
+        return found
 
     def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
         """The decoded data of a Secret (cached briefly); None when it does not exist."""

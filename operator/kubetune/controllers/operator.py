@@ -21,6 +21,8 @@ from kubernetes import config as k8s_config
 from prometheus_client import start_http_server
 from urllib3.util.retry import Retry
 
+from kubetune.api.types import API_GROUP, API_VERSION
+from kubetune.builders.meta import FINETUNE_LABEL
 from kubetune.builders.settings import OperatorSettings
 from kubetune.controllers import adapterdeployment, finetune
 from kubetune.controllers.adapterdeployment import AdapterDeploymentController
@@ -68,7 +70,9 @@ def api_client(workers: int = 8) -> k8s.ApiClient:
     return TimeoutApiClient(configuration, API_TIMEOUT)
 
 
-def build_registry(operator_settings: OperatorSettings, *, workers: int) -> kopf.OperatorRegistry:
+def build_registry(
+    operator_settings: OperatorSettings, *, workers: int, namespaces: list[str] | None = None
+) -> kopf.OperatorRegistry:
     """kopf's registry with both controllers bound to it, sharing one API client and one scheduler."""
     registry = kopf.OperatorRegistry()
 
@@ -79,6 +83,8 @@ def build_registry(operator_settings: OperatorSettings, *, workers: int) -> kopf
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        # The controllers keep no kopf state in objects (no change-detecting handlers); were kopf ever to
+        # write some, it would be under kubetune.io names.
         settings.persistence.finalizer = "kubetune.io/finalizer"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -100,6 +106,13 @@ def build_registry(operator_settings: OperatorSettings, *, workers: int) -> kopf
         settings.networking.connect_timeout = API_TIMEOUT[0]
         settings.networking.request_timeout = API_TIMEOUT[1]
         kube.warm_up()
+        # Before the first event: what exists now, so every lookup in a handler finds what it needs.
+        watched = list(namespaces or [])
+        finetunes.seed(
+            kube.list_all(f"/apis/{API_GROUP}/{API_VERSION}/finetunes", watched),
+            kube.list_all("/apis/batch/v1/jobs", watched, label_selector=FINETUNE_LABEL),
+        )
+        adapterdeployments.seed(kube.list_all(f"/apis/{API_GROUP}/{API_VERSION}/adapterdeployments", watched))
         scheduler.start()
 
     @kopf.on.cleanup(registry=registry)
@@ -108,8 +121,10 @@ def build_registry(operator_settings: OperatorSettings, *, workers: int) -> kopf
 
     kube = Kube(api=api_client(workers))
     scheduler = Scheduler()  # shared: retries, progress polls and rollout checks of both controllers
-    finetune.register(FineTuneController(kube, operator_settings, scheduler), registry)
-    adapterdeployment.register(AdapterDeploymentController(kube, operator_settings, scheduler), registry)
+    finetunes = FineTuneController(kube, operator_settings, scheduler)
+    adapterdeployments = AdapterDeploymentController(kube, operator_settings, scheduler)
+    finetune.register(finetunes, registry)
+    adapterdeployment.register(adapterdeployments, registry)
     return registry
 
 
@@ -204,7 +219,7 @@ def run(
         with standby_health(settings.health_port):
             elector.acquire()
         elector.keep(on_lost=_lost_the_lease)
-    registry = build_registry(settings, workers=workers)
+    registry = build_registry(settings, workers=workers, namespaces=namespaces)
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
     try:
         asyncio.run(
