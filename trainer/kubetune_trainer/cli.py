@@ -191,6 +191,19 @@ def _eval_endpoint(args: argparse.Namespace) -> int:
     return int(code)
 
 
+def _import_gguf(args: argparse.Namespace) -> int:
+    from kubetune_trainer.gguf_import import GGUFImportError, import_gguf
+    from kubetune_trainer.pipeline import ExitCode
+
+    try:
+        out = import_gguf(args.file, args.out, overwrite=args.overwrite)
+    except GGUFImportError as e:
+        print(f"kubetune-trainer import-gguf: {e}", file=sys.stderr)
+        return int(ExitCode.BAD_INPUT)
+    print(json.dumps({"source": str(args.file), "model": str(out)}), flush=True)
+    return int(ExitCode.OK)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubetune-trainer", description="kubetune's training and serving workload.")
     parser.add_argument("--version", action="version", version=f"kubetune-trainer {__version__}")
@@ -281,6 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     online.add_argument("--region", help="S3 region (default $AWS_REGION, else us-east-1)")
     online.set_defaults(func=_eval_endpoint)
+
+    gguf = sub.add_parser(
+        "import-gguf",
+        help="convert a GGUF model file (llama.cpp, Ollama) into a Hugging Face folder usable as a base model",
+        description="Dequantizes to float32 and keeps the tokenizer and chat template. Exit 10: not a loadable GGUF.",
+    )
+    gguf.add_argument("file", type=Path, help="the .gguf file")
+    gguf.add_argument("out", type=Path, help="folder to write (config, model.safetensors, tokenizer)")
+    gguf.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds files")
+    gguf.set_defaults(func=_import_gguf)
     return parser
 
 
