@@ -186,6 +186,7 @@ def test_cli_exit_codes(tiny_hf: Path, tmp_path: Path) -> None:
     again = subprocess.run([*command, str(path), str(out)], capture_output=True, text=True, check=False)
     assert again.returncode == 10
     assert "already exists" in again.stderr
-    bad = subprocess.run([*command, str(tmp_path / "none.gguf"), str(tmp_path / "x")], capture_output=True, text=True)
+    missing = [*command, str(tmp_path / "none.gguf"), str(tmp_path / "x")]
+    bad = subprocess.run(missing, capture_output=True, text=True, check=False)
     assert bad.returncode == 10
     assert "no such file" in bad.stderr

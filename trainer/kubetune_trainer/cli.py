@@ -153,6 +153,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         max_tokens_limit=args.max_tokens_limit,
+        max_batch_size=args.max_batch_size,
     )
     return serve(options)
 
@@ -254,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     serve.add_argument(
         "--max-tokens-limit", type=_positive, default=512, help="largest max_tokens a request may ask for (default 512)"
+    )
+    serve.add_argument(
+        "--max-batch-size",
+        type=_positive,
+        default=16,
+        help="queued requests (same model and sampling) generated together (default 16; 1: one at a time)",
     )
     serve.set_defaults(func=_serve)
 

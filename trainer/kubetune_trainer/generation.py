@@ -94,4 +94,5 @@ def generate(
             pad_token_id=pad_id,
             **options,
         )
-    return split_outputs(out[:, ids.shape[1] :], stop_ids, budgets)
+    # A row that finished early is filled with pad tokens: they end its output too.
+    return split_outputs(out[:, ids.shape[1] :], [*stop_ids, pad_id], budgets)
