@@ -194,7 +194,6 @@ def _eval_endpoint(args: argparse.Namespace) -> int:
 
 def _import_gguf(args: argparse.Namespace) -> int:
     from kubetune_trainer.gguf_import import GGUFImportError, import_gguf
-    from kubetune_trainer.pipeline import ExitCode
 
     try:
         out = import_gguf(args.file, args.out, overwrite=args.overwrite)
