@@ -31,10 +31,14 @@ def test_left_padding_and_per_row_stops() -> None:
     new = torch.tensor([[3, 4, 2, 2], [3, 2, 9, 9], [1, 1, 1, 1]])
     outputs = generation.split_outputs(new, stop_ids=[2], budgets=[4, 4, 2])
     assert outputs == [
-        generation.Output([3, 4], True),
-        generation.Output([3], True),
+        generation.Output([3, 4], True, True),
+        generation.Output([3], True, True),
         generation.Output([1, 1], False),  # no stop within its own budget of 2
     ]
+    assert [o.generated for o in outputs] == [3, 2, 2]
+    # A row stopped by a stop string is padded afterwards: the padding ends it, and is not counted.
+    (padded,) = generation.split_outputs(torch.tensor([[3, 0, 0]]), stop_ids=[2], budgets=[3], pad_id=0)
+    assert padded == generation.Output([3], True, False)
 
 
 def test_batched_generation_equals_one_at_a_time(loaded: tuple[Any, Any, modeling.Runtime]) -> None:

@@ -25,7 +25,13 @@ from kubetune_trainer.modeling import Runtime
 @dataclass(frozen=True)
 class Output:
     tokens: list[int]  # new tokens, without the end-of-sequence token
-    stopped: bool  # True: ended at an end-of-sequence token; False: ran out of budget
+    stopped: bool  # True: ended before its budget (end-of-sequence, or a stop string and then padding)
+    eos: bool = False  # True: the token that ended it was an end-of-sequence token (generated, so counted)
+
+    @property
+    def generated(self) -> int:
+        """Tokens the model produced for this row, the end-of-sequence token included."""
+        return len(self.tokens) + int(self.eos)
 
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -49,13 +55,16 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
     return ids.to(device), mask.to(device)
 
 
-def split_outputs(new: torch.Tensor, stop_ids: Sequence[int], budgets: Sequence[int]) -> list[Output]:
-    """Each row's tokens up to its first end-of-sequence token, or up to its own budget."""
+def split_outputs(
+    new: torch.Tensor, stop_ids: Sequence[int], budgets: Sequence[int], pad_id: int | None = None
+) -> list[Output]:
+    """Each row's tokens up to its first end-of-sequence (or padding) token, or up to its own budget."""
+    ends = {*stop_ids, *([] if pad_id is None else [pad_id])}
     outputs = []
     for row, budget in zip(new.tolist(), budgets, strict=True):
-        cut = next((i for i, t in enumerate(row) if t in stop_ids), None)
+        cut = next((i for i, t in enumerate(row) if t in ends), None)
         if cut is not None and cut < budget:
-            outputs.append(Output(row[:cut], True))
+            outputs.append(Output(row[:cut], True, row[cut] in stop_ids))
         else:
             outputs.append(Output(row[:budget], False))
     return outputs
@@ -94,5 +103,5 @@ def generate(
             pad_token_id=pad_id,
             **options,
         )
-    # A row that finished early is filled with pad tokens: they end its output too.
-    return split_outputs(out[:, ids.shape[1] :], [*stop_ids, pad_id], budgets)
+    # A row that finished early (a stop string) is filled with pad tokens: they end its output too.
+    return split_outputs(out[:, ids.shape[1] :], stop_ids, budgets, pad_id)

@@ -390,11 +390,11 @@ class Engine:
 
     @staticmethod
     def _finish(text: str, ids: list[int], out: Any, budget: int, sampling: Sampling) -> Generation:
-        finish: Literal["stop", "length"] = "stop" if out.stopped or len(out.tokens) < budget else "length"
+        finish: Literal["stop", "length"] = "length" if out.generated >= budget else "stop"
         cuts = [i for i in (text.find(s) for s in sampling.stop) if i >= 0]
         if cuts:  # OpenAI leaves the stop sequence out of the text
             text, finish = text[: min(cuts)], "stop"
-        return Generation(text, len(ids), len(out.tokens), finish)
+        return Generation(text, len(ids), out.generated, finish)
 
 
 def load_engine(options: ServeOptions) -> Engine:
