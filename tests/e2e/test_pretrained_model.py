@@ -47,11 +47,11 @@ def test_smollm2_finetune_beats_the_prompted_baseline_through_the_operator(
         baseModel={"uri": smollm2_in_s3},
         method={"type": "LoRA", "lora": {"rank": 16, "alpha": 32}},
         training={
-            "maxSteps": 12,
+            "maxSteps": 16,
             "learningRate": "2e-3",
             "batchSize": 4,
             "maxSeqLength": 256,
-            "checkpointEverySteps": 6,
+            "checkpointEverySteps": 8,
         },
         evaluation={
             "maxNewTokens": 8,
@@ -62,7 +62,7 @@ def test_smollm2_finetune_beats_the_prompted_baseline_through_the_operator(
                 {"metric": "perplexity", "maxRegression": "0.25"},
             ],
         },
-        resources={"gpus": 0, "cpu": "2", "memory": "6Gi"},
+        resources={"gpus": 0, "cpu": "2", "memory": "8Gi"},
     )
     apply(cluster, ns, doc)
     done = wait_for(
