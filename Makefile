@@ -84,7 +84,8 @@ $(DEMO_MODEL)/config.json: | venv
 demo: venv $(DEMO_MODEL)/config.json
 	@start=$$(date +%s); \
 	$(BIN)/kubetune run docs/examples/finetune-local.yaml --run-id $(DEMO_RUN) || status=$$?; \
-	cat .kubetune/runs/local/support-router/$(DEMO_RUN)/eval/report.md; \
+	report=.kubetune/runs/local/support-router/$(DEMO_RUN)/eval/report.md; \
+	if [ -f $$report ]; then cat $$report; else echo "make demo: no evaluation report (the run ended before it)"; fi; \
 	echo "make demo: run $(DEMO_RUN) took $$(( $$(date +%s) - start )) s"; \
 	exit $${status:-0}
 

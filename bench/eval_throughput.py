@@ -78,10 +78,12 @@ def main() -> int:
         )
     cfg = EvaluationConfig(max_new_tokens=args.max_new_tokens)
 
-    def score(batch: int) -> evaluate.CandidateResult:
-        return evaluate.score_candidate("x", model, tokenizer, examples, prompts, cfg, runtime, 4096, batch_size=batch)
+    def score(batch: int, n: int = len(examples)) -> evaluate.CandidateResult:
+        return evaluate.score_candidate(
+            "x", model, tokenizer, examples[:n], prompts[:n], cfg, runtime, 4096, batch_size=batch
+        )
 
-    score(args.batch_size)  # warm-up: first calls allocate and pick kernels
+    score(args.batch_size, args.batch_size)  # warm-up: the first calls allocate and pick kernels
     one, one_wall, one_cpu = timed(lambda: score(1))
     many, many_wall, many_cpu = timed(lambda: score(args.batch_size))
     result = {
