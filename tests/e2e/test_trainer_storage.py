@@ -203,8 +203,12 @@ def _manifest(bucket: str, endpoint: str) -> dict[str, Any]:
     }
     doc["spec"]["output"] = {"uri": f"s3://{bucket}/adapters/"}
     doc["spec"]["storage"] = {"endpoint": endpoint}
-    doc["spec"]["training"]["epochs"] = 8
+    # The manifest is tuned for SmolLM2; the tiny model from scratch wants a larger step and adapter.
+    doc["spec"]["method"] = {"type": "LoRA", "lora": {"rank": 32, "alpha": 64}}
+    doc["spec"]["training"].update(epochs=8, learningRate="3e-3", batchSize=8, maxSeqLength=256)
+    doc["spec"]["training"].pop("maxSteps", None)
     doc["spec"]["evaluation"]["maxExamples"] = 24
+    doc["spec"]["evaluation"]["baselines"] = {"prompted": {"fewShot": 2}}
     doc["spec"]["evaluation"]["gates"] = [{"metric": "exact_match", "min": "0.5"}]
     return doc
 

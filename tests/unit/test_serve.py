@@ -313,6 +313,36 @@ def test_concurrent_requests_each_get_their_own_adapter(
     assert answers == {(name, prompt): expected[name, prompt, MAX_TOKENS].text for name, prompt in jobs}
 
 
+def test_queued_requests_for_one_model_are_batched_and_answer_as_alone(
+    url: str, expected: dict[tuple[str, str, int], Expected]
+) -> None:
+    def batches() -> tuple[float, float]:
+        values = metrics(url)
+        return values[("kubetune_serve_batch_size_count", ())], values[("kubetune_serve_batch_size_sum", ())]
+
+    count_before, sum_before = batches()
+    answers: dict[int, Any] = {}
+
+    def ask(i: int) -> None:
+        prompt = PROMPTS[i % len(PROMPTS)]
+        body = {"model": "router-b", "messages": chat(prompt), "temperature": 0, "max_tokens": MAX_TOKENS}
+        answers[i] = request(url + "/v1/chat/completions", body)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, (status, response) in answers.items():
+        want = expected["router-b", PROMPTS[i % len(PROMPTS)], MAX_TOKENS]
+        assert status == 200
+        assert response["choices"][0]["message"]["content"] == want.text
+        assert response["usage"]["completion_tokens"] == want.completion_tokens
+    count_after, sum_after = batches()
+    assert sum_after - sum_before == 8  # every request was generated once
+    assert count_after - count_before < 8, "no two queued requests shared a batch"
+
+
 def test_unknown_model_is_404_with_an_openai_error(url: str) -> None:
     status, body = request(url + "/v1/chat/completions", {"model": "gpt-4", "messages": chat("hi")})
     assert status == 404

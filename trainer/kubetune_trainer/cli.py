@@ -153,6 +153,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         max_tokens_limit=args.max_tokens_limit,
+        max_batch_size=args.max_batch_size,
     )
     return serve(options)
 
@@ -189,6 +190,18 @@ def _eval_endpoint(args: argparse.Namespace) -> int:
     )
     report(summary, Path(args.termination_log) if args.termination_log else default_termination_log())
     return int(code)
+
+
+def _import_gguf(args: argparse.Namespace) -> int:
+    from kubetune_trainer.gguf_import import GGUFImportError, import_gguf
+
+    try:
+        out = import_gguf(args.file, args.out, overwrite=args.overwrite)
+    except GGUFImportError as e:
+        print(f"kubetune-trainer import-gguf: {e}", file=sys.stderr)
+        return int(ExitCode.BAD_INPUT)
+    print(json.dumps({"source": str(args.file), "model": str(out)}), flush=True)
+    return int(ExitCode.OK)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-tokens-limit", type=_positive, default=512, help="largest max_tokens a request may ask for (default 512)"
     )
+    serve.add_argument(
+        "--max-batch-size",
+        type=_positive,
+        default=16,
+        help="queued requests (same model and sampling) generated together (default 16; 1: one at a time)",
+    )
     serve.set_defaults(func=_serve)
 
     fetch = sub.add_parser(
@@ -281,6 +300,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     online.add_argument("--region", help="S3 region (default $AWS_REGION, else us-east-1)")
     online.set_defaults(func=_eval_endpoint)
+
+    gguf = sub.add_parser(
+        "import-gguf",
+        help="convert a GGUF model file (llama.cpp, Ollama) into a Hugging Face folder usable as a base model",
+        description="Dequantizes to float32 and keeps the tokenizer and chat template. Exit 10: not a loadable GGUF.",
+    )
+    gguf.add_argument("file", type=Path, help="the .gguf file")
+    gguf.add_argument("out", type=Path, help="folder to write (config, model.safetensors, tokenizer)")
+    gguf.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds files")
+    gguf.set_defaults(func=_import_gguf)
     return parser
 
 

@@ -117,7 +117,12 @@ class GateConfig(_Config):
 class PromptedConfig(_Config):
     enabled: bool = Field(default=True, description="Score the prompted baseline.")
     few_shot: int = Field(default=3, ge=0, le=32, description="Few-shot examples from train.")
-    system_prompt: str | None = Field(default=None, description="System prompt; None: a neutral default.")
+    shot_selection: Literal["random", "stratified", "retrieved"] = Field(
+        default="stratified", description="How shots are chosen: at random, covering the labels, or BM25-nearest."
+    )
+    system_prompt: str | None = Field(
+        default=None, description="System prompt; None: one listing the labels (closed answer sets), else neutral."
+    )
 
 
 def _default_metrics() -> list[Metric]:
@@ -131,6 +136,7 @@ class EvaluationConfig(_Config):
     prompted: PromptedConfig = Field(default_factory=PromptedConfig, description="Prompted baseline.")
     gates: list[GateConfig] = Field(default_factory=list, description="Gates; empty: beat the best baseline.")
     max_new_tokens: int = Field(default=128, ge=1, description="Generation budget per example.")
+    batch_size: int = Field(default=16, ge=1, le=1024, description="Examples generated together (left-padded).")
     max_examples: int | None = Field(default=None, ge=1, description="Cap on scored examples.")
     general_text: str | None = Field(default=None, description="General-text URI; None: the built-in sample.")
 

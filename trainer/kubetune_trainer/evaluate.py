@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import re
 import string
 import time
@@ -36,6 +35,7 @@ from typing import Any
 
 import torch
 
+from kubetune_trainer import baselines, generation
 from kubetune_trainer.config import EvaluationConfig, GateConfig, LiftOverConfig
 from kubetune_trainer.data import Example, collate, encode, render_prompt
 from kubetune_trainer.modeling import Runtime
@@ -43,7 +43,6 @@ from kubetune_trainer.modeling import Runtime
 log = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = ("loss", "perplexity")
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer exactly in the format the examples show."
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -112,6 +111,8 @@ class CandidateResult:
     prompt_tokens_mean: float
     latency_ms_mean: float
     samples: list[dict[str, str]] = field(default_factory=list)
+    examples_per_second: float = 0.0
+    batch_size: int = 1
 
 
 @dataclass
@@ -132,6 +133,7 @@ class Report:
     passed: bool
     examples: int
     general_perplexity: dict[str, float]
+    prompt: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -141,36 +143,8 @@ class Report:
             "candidates": {k: asdict(v) for k, v in self.candidates.items()},
             "gates": [asdict(g) for g in self.gates],
             "general_perplexity": self.general_perplexity,
+            "prompt": self.prompt,
         }
-
-
-def few_shot_prompt(
-    example: Example, shots: Sequence[Example], system_prompt: str | None
-) -> tuple[dict[str, str], ...]:
-    """The prompted baseline's conversation: system prompt, k solved examples, then the question."""
-    messages: list[dict[str, str]] = [{"role": "system", "content": system_prompt or DEFAULT_SYSTEM_PROMPT}]
-    for shot in shots:
-        messages += [m for m in shot.prompt if m["role"] != "system"]
-        messages.append({"role": "assistant", "content": shot.response})
-    messages += [m for m in example.prompt if m["role"] != "system"]
-    return tuple(messages)
-
-
-@torch.no_grad()
-def generate(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int, runtime: Runtime) -> str:
-    ids = torch.tensor([prompt_ids], device=runtime.device)
-    autocast = torch.autocast(runtime.device.type, dtype=runtime.autocast) if runtime.autocast else nullcontext()
-    with autocast:
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    text: str = tokenizer.decode(out[0, len(prompt_ids) :], skip_special_tokens=True)
-    return text.strip()
 
 
 def score_candidate(
@@ -182,18 +156,35 @@ def score_candidate(
     cfg: EvaluationConfig,
     runtime: Runtime,
     max_prompt_tokens: int,
+    *,
+    batch_size: int | None = None,
 ) -> CandidateResult:
+    """Generate an answer for every example (in length-sorted batches) and score it.
+
+    A request's latency is the wall time of the batch it was answered in: what
+    a caller of a batching server would wait, at this batch size.
+    """
     text_metrics = [m for m in cfg.metrics if m in TEXT_METRICS]
-    sums = dict.fromkeys(text_metrics, 0.0)
-    prompt_tokens = 0
-    latency = 0.0
-    samples: list[dict[str, str]] = []
-    for example, prompt in zip(examples, prompts, strict=True):
-        ids = render_prompt(tokenizer, prompt)[-max_prompt_tokens:]
-        prompt_tokens += len(ids)
+    size = batch_size or cfg.batch_size
+    encoded = [render_prompt(tokenizer, p)[-max_prompt_tokens:] for p in prompts]
+    predictions: list[str] = [""] * len(encoded)
+    latencies: list[float] = [0.0] * len(encoded)
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
+    started_all = time.perf_counter()
+    for start in range(0, len(order), size):
+        rows = order[start : start + size]
         started = time.perf_counter()
-        prediction = generate(model, tokenizer, ids, cfg.max_new_tokens, runtime)
-        latency += time.perf_counter() - started
+        outputs = generation.generate(
+            model, tokenizer, [encoded[i] for i in rows], runtime, max_new_tokens=cfg.max_new_tokens
+        )
+        elapsed = time.perf_counter() - started
+        for i, out in zip(rows, outputs, strict=True):
+            predictions[i] = tokenizer.decode(out.tokens, skip_special_tokens=True).strip()
+            latencies[i] = elapsed
+    total = time.perf_counter() - started_all
+    sums = dict.fromkeys(text_metrics, 0.0)
+    samples: list[dict[str, str]] = []
+    for example, prediction in zip(examples, predictions, strict=True):
         for metric in text_metrics:
             sums[metric] += TEXT_METRICS[metric](prediction, example.response)
         if len(samples) < 10:
@@ -202,9 +193,11 @@ def score_candidate(
     return CandidateResult(
         name=name,
         metrics={m: round(v / n, 4) for m, v in sums.items()},
-        prompt_tokens_mean=round(prompt_tokens / n, 1),
-        latency_ms_mean=round(1000 * latency / n, 2),
+        prompt_tokens_mean=round(sum(len(e) for e in encoded) / n, 1),
+        latency_ms_mean=round(1000 * sum(latencies) / n, 2),
         samples=samples,
+        examples_per_second=round(len(examples) / total, 2) if total > 0 else 0.0,
+        batch_size=size,
     )
 
 
@@ -342,8 +335,6 @@ def run_evaluation(
     examples = list(eval_set)
     if cfg.max_examples is not None:
         examples = examples[: cfg.max_examples]
-    rng = random.Random(seed)
-    shots = rng.sample(list(train_set), min(cfg.prompted.few_shot, len(train_set)))
     max_prompt = max(16, max_seq_length - cfg.max_new_tokens)
     zero_shot = [e.prompt for e in examples]
 
@@ -356,9 +347,18 @@ def run_evaluation(
     ]
     if cfg.base:
         plan.append(("base", base_model, base_ctx, zero_shot))
+    prompt_info: dict[str, Any] = {}
     if cfg.prompted.enabled:
-        prompted = [few_shot_prompt(e, shots, cfg.prompted.system_prompt) for e in examples]
+        prompted, prompt_plan = baselines.prompted_conversations(
+            examples,
+            list(train_set),
+            few_shot=cfg.prompted.few_shot,
+            shot_selection=cfg.prompted.shot_selection,
+            system_prompt=cfg.prompted.system_prompt,
+            seed=seed,
+        )
         plan.append(("prompted", base_model, base_ctx, prompted))
+        prompt_info = _prompt_info(prompt_plan, tokenizer, prompted[0] if prompted else (), max_prompt)
 
     candidates: dict[str, CandidateResult] = {}
     perplexity: dict[str, float] = {}
@@ -376,11 +376,25 @@ def run_evaluation(
         candidates[name] = result
         log.info("%s: %s", name, result.metrics)
 
-    report = Report(cfg.headline, candidates, [], False, len(examples), perplexity)
+    report = Report(cfg.headline, candidates, [], False, len(examples), perplexity, prompt_info)
     gates = cfg.gates or default_gates(cfg)
     report.gates = [evaluate_gate(g, report) for g in gates]
     report.passed = all(g.passed for g in report.gates)
     return report
+
+
+def _prompt_info(
+    plan: baselines.PromptPlan, tokenizer: Any, first: tuple[dict[str, str], ...], max_prompt: int
+) -> dict[str, Any]:
+    """What the report says about the prompted baseline: how it was built and the first prompt, rendered."""
+    ids = render_prompt(tokenizer, first)[-max_prompt:] if first else []
+    return {
+        "shot_selection": plan.shot_selection,
+        "few_shot": plan.few_shot,
+        "system_prompt": plan.system_prompt,
+        "labels": plan.labels,
+        "rendered_example": tokenizer.decode(ids) if ids else "",
+    }
 
 
 def markdown(report: Report) -> str:
@@ -400,7 +414,12 @@ def markdown(report: Report) -> str:
         "| prompt tokens (mean) | " + " | ".join(f"{report.candidates[n].prompt_tokens_mean:.1f}" for n in names) + " |"
     )
     lines.append(
-        "| latency ms (mean) | " + " | ".join(f"{report.candidates[n].latency_ms_mean:.1f}" for n in names) + " |"
+        "| latency ms per request (mean, batched) | "
+        + " | ".join(f"{report.candidates[n].latency_ms_mean:.1f}" for n in names)
+        + " |"
+    )
+    lines.append(
+        "| examples/s | " + " | ".join(f"{report.candidates[n].examples_per_second:.2f}" for n in names) + " |"
     )
     lines += ["", "| gate | value | threshold | result |", "|---|---|---|---|"]
     for g in report.gates:
@@ -408,4 +427,17 @@ def markdown(report: Report) -> str:
         threshold = "-" if g.threshold is None else f"{g.threshold:.4f}"
         lines.append(f"| {g.metric} {g.rule} | {value} | {threshold} | {'pass' if g.passed else 'FAIL'}: {g.message} |")
     lines += ["", f"**{'PASSED' if report.passed else 'FAILED'}**", ""]
+    if report.prompt:
+        p = report.prompt
+        labels = p.get("labels")
+        lines += [
+            f"Prompted baseline: {p['few_shot']} shots, shot selection `{p['shot_selection']}`, "
+            + (f"system prompt listing the {len(labels)} labels." if labels else "system prompt as configured."),
+            "The first eval example's prompt, as the base model sees it:",
+            "",
+            "```",
+            p["rendered_example"].strip(),
+            "```",
+            "",
+        ]
     return "\n".join(lines)

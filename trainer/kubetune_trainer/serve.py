@@ -8,9 +8,12 @@ model selection (the request's ``model`` names an adapter, or the base), so
 clients and the operator cannot tell the two runtimes apart.
 
 It is a reference server, not a production one: one base model sits in
-memory, every request selects its adapter on it, and requests are therefore
-served one at a time (no batching, no streaming). Production serving is vLLM
-with ``--enable-lora``.
+memory and every request selects its adapter on it. Requests that arrive
+while the model is busy queue; when it is free, the queued requests for the
+same model with the same sampling settings are generated together as one
+left-padded batch (up to ``--max-batch-size``), each stopping at its own end,
+with the same answers as one at a time. No streaming. Production serving is
+vLLM with ``--enable-lora``.
 
 It also holds what serving pods need before the server starts: ``fetch``
 downloads a model or adapter folder (the pod's init container) and refuses
@@ -37,7 +40,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -73,6 +76,7 @@ class ServeOptions:
     host: str = "0.0.0.0"
     port: int = 8000
     max_tokens_limit: int = 512
+    max_batch_size: int = 16
 
     @property
     def model_names(self) -> list[str]:
@@ -329,40 +333,68 @@ class Engine:
             )
         return sampling.max_tokens
 
-    def generate(self, name: str, prompt: str | Sequence[dict[str, str]], sampling: Sampling) -> Generation:
-        """Complete a text prompt, or a conversation rendered with the chat template, with model ``name``."""
-        import torch
-
+    def _encode(self, prompt: str | Sequence[dict[str, str]]) -> list[int]:
         from kubetune_trainer import data
 
+        if isinstance(prompt, str):
+            ids: list[int] = self.tokenizer(prompt)["input_ids"]
+            return ids
+        return data.render_prompt(self.tokenizer, prompt)
+
+    def generate(self, name: str, prompt: str | Sequence[dict[str, str]], sampling: Sampling) -> Generation:
+        """Complete a text prompt, or a conversation rendered with the chat template, with model ``name``."""
+        (result,) = self.generate_many(name, [(prompt, sampling)])
+        if isinstance(result, ApiError):
+            raise result
+        return result
+
+    def generate_many(
+        self, name: str, requests: Sequence[tuple[str | Sequence[dict[str, str]], Sampling]]
+    ) -> list[Generation | ApiError]:
+        """Answer several requests for model ``name`` in one batch; they must share temperature, top_p and stop.
+
+        A request that cannot be served (its prompt does not fit the context)
+        gets its ApiError in its place; the others are answered.
+        """
+        from kubetune_trainer import generation
+
         with self._lock:
-            if isinstance(prompt, str):
-                ids: list[int] = self.tokenizer(prompt)["input_ids"]
-            else:
-                ids = data.render_prompt(self.tokenizer, prompt)
-            budget = self._budget(len(ids), sampling)
-            options: dict[str, Any] = {"do_sample": sampling.temperature > 0}
-            if sampling.temperature > 0:
-                options |= {"temperature": sampling.temperature, "top_p": sampling.top_p}
-            if sampling.stop:
-                options |= {"stop_strings": list(sampling.stop), "tokenizer": self.tokenizer}
-            inputs = torch.tensor([ids], device=self.runtime.device)
-            autocast = (
-                torch.autocast(self.runtime.device.type, dtype=self.runtime.autocast)
-                if self.runtime.autocast
-                else nullcontext()
-            )
-            with self._selected(name), torch.no_grad(), autocast:
-                out = self.model.generate(
-                    input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=budget, **options
-                )
-            new = out[0, len(ids) :].tolist()
-            text: str = self.tokenizer.decode(new, skip_special_tokens=True)
-        finish: Literal["stop", "length"] = "length" if len(new) >= budget else "stop"
+            results: list[Generation | ApiError | None] = [None] * len(requests)
+            rows: list[tuple[int, list[int], int]] = []
+            for i, (prompt, sampling) in enumerate(requests):
+                ids = self._encode(prompt)
+                try:
+                    rows.append((i, ids, self._budget(len(ids), sampling)))
+                except ApiError as e:
+                    results[i] = e
+            if rows:
+                sampling = requests[rows[0][0]][1]
+                options: dict[str, Any] = {"do_sample": sampling.temperature > 0}
+                if sampling.temperature > 0:
+                    options |= {"temperature": sampling.temperature, "top_p": sampling.top_p}
+                if sampling.stop:
+                    options |= {"stop_strings": list(sampling.stop), "tokenizer": self.tokenizer}
+                with self._selected(name):
+                    outputs = generation.generate(
+                        self.model,
+                        self.tokenizer,
+                        [ids for _, ids, _ in rows],
+                        self.runtime,
+                        max_new_tokens=[budget for _, _, budget in rows],
+                        sampling=options,
+                    )
+                for (i, ids, budget), out in zip(rows, outputs, strict=True):
+                    text: str = self.tokenizer.decode(out.tokens, skip_special_tokens=True)
+                    results[i] = self._finish(text, ids, out, budget, requests[i][1])
+        return [r for r in results if r is not None]
+
+    @staticmethod
+    def _finish(text: str, ids: list[int], out: Any, budget: int, sampling: Sampling) -> Generation:
+        finish: Literal["stop", "length"] = "length" if out.generated >= budget else "stop"
         cuts = [i for i in (text.find(s) for s in sampling.stop) if i >= 0]
         if cuts:  # OpenAI leaves the stop sequence out of the text
             text, finish = text[: min(cuts)], "stop"
-        return Generation(text, len(ids), len(new), finish)
+        return Generation(text, len(ids), out.generated, finish)
 
 
 def load_engine(options: ServeOptions) -> Engine:
@@ -416,6 +448,12 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.batch_size = Histogram(
+            "kubetune_serve_batch_size",
+            "Requests generated together in one batch.",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "kubetune_serve_requests_in_flight",
             "Inference requests being served or waiting for the model.",
@@ -424,6 +462,77 @@ class Metrics:
 
 
 Endpoint = Literal["completions", "chat"]
+
+
+@dataclass(eq=False)
+class _Queued:
+    model: str
+    prompt: str | list[dict[str, str]]
+    sampling: Sampling
+    future: asyncio.Future[Generation]
+
+    def key(self) -> tuple[str, float, float, tuple[str, ...]]:
+        return (self.model, self.sampling.temperature, self.sampling.top_p, self.sampling.stop)
+
+
+class Batcher:
+    """Requests wait here while the model is busy; compatible ones are then generated as one batch.
+
+    Compatible: the same served model and the same sampling settings (token
+    budgets may differ). The oldest request always goes in the next batch, so
+    no request waits behind ones that arrived later.
+    """
+
+    def __init__(self, executor: ThreadPoolExecutor, metrics: Metrics, max_batch_size: int) -> None:
+        self.executor = executor
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.queue: list[_Queued] = []
+        self.draining = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(
+        self, engine: Engine, model: str, prompt: str | list[dict[str, str]], sampling: Sampling
+    ) -> Generation:
+        loop = asyncio.get_running_loop()
+        item = _Queued(model, prompt, sampling, loop.create_future())
+        self.queue.append(item)
+        if not self.draining:
+            self.draining = True
+            self._task = loop.create_task(self._drain(engine))
+        return await item.future
+
+    def _next_batch(self) -> list[_Queued]:
+        key = self.queue[0].key()
+        batch = [q for q in self.queue if q.key() == key][: self.max_batch_size]
+        self.queue = [q for q in self.queue if q not in batch]
+        return [q for q in batch if not q.future.done()]  # a client that went away is not served
+
+    async def _drain(self, engine: Engine) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self.queue:
+                batch = self._next_batch()
+                if not batch:
+                    continue
+                self.metrics.batch_size.observe(len(batch))
+                requests = [(q.prompt, q.sampling) for q in batch]
+                try:
+                    results = await loop.run_in_executor(self.executor, engine.generate_many, batch[0].model, requests)
+                except Exception as e:  # the whole batch failed: every request in it gets the error
+                    for q in batch:
+                        if not q.future.done():
+                            q.future.set_exception(e)
+                    continue
+                for q, result in zip(batch, results, strict=True):
+                    if q.future.done():
+                        continue
+                    if isinstance(result, ApiError):
+                        q.future.set_exception(result)
+                    else:
+                        q.future.set_result(result)
+        finally:
+            self.draining = False
 
 
 class Server:
@@ -435,8 +544,9 @@ class Server:
         self.stopping = False
         self.created = int(time.time())
         self.metrics = Metrics()
-        # One worker: generation is serialized anyway, and the event loop stays free for health checks.
+        # One worker: generation is serialized (batches run one after another); the event loop stays free.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self.batcher = Batcher(self.executor, self.metrics, options.max_batch_size)
         self.app = web.Application()
         self.app.add_routes(
             [
@@ -548,8 +658,7 @@ class Server:
         else:
             assert isinstance(parsed, ChatRequest)
             prompt = [{"role": m.role, "content": m.content} for m in parsed.messages]
-        loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self.executor, engine.generate, parsed.model, prompt, sampling)
+        result = await self.batcher.submit(engine, parsed.model, prompt, sampling)
         self.metrics.prompt_tokens.labels(model=parsed.model).inc(result.prompt_tokens)
         self.metrics.completion_tokens.labels(model=parsed.model).inc(result.completion_tokens)
         usage = {

@@ -298,10 +298,21 @@ class PromptedBaseline(KubeModel):
 
     enabled: bool = Field(default=True, description="Score this baseline. Default true.")
     few_shot: int = Field(default=3, ge=0, le=32, description="Examples from train shown in the prompt. Default 3.")
+    shot_selection: Literal["random", "stratified", "retrieved"] = Field(
+        default="stratified",
+        description=(
+            "How the shots are chosen: random; stratified (spread over the labels when the responses are a "
+            "small closed set, so fewShot >= labels covers them all); retrieved (per eval example, the fewShot "
+            "most similar training examples by BM25). Default stratified."
+        ),
+    )
     system_prompt: str | None = Field(
         default=None,
         max_length=16384,
-        description="System prompt (or instruction prefix) for the baseline. Default: a task-neutral prompt.",
+        description=(
+            "System prompt (or instruction prefix) for the baseline. Default: when the responses are a small "
+            "closed set, one that lists every label and asks for exactly one; otherwise a task-neutral prompt."
+        ),
     )
 
 

@@ -25,7 +25,10 @@ def _evaluation(evaluation: EvaluationSpec) -> tc.EvaluationConfig:
         primary_metric=evaluation.primary_metric,
         base=evaluation.baselines.base,
         prompted=tc.PromptedConfig(
-            enabled=prompted.enabled, few_shot=prompted.few_shot, system_prompt=prompted.system_prompt
+            enabled=prompted.enabled,
+            few_shot=prompted.few_shot,
+            shot_selection=prompted.shot_selection,
+            system_prompt=prompted.system_prompt,
         ),
         gates=[
             tc.GateConfig(

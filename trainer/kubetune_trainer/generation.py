@@ -1,0 +1,107 @@
+"""Batched generation: many prompts through the model at once, each stopping at its own end.
+
+Evaluation and the reference server both generate for many prompts. One at a
+time, a small model on a CPU spends most of each step on per-call overhead
+and on matrix-vector products; a batch turns those into matrix-matrix
+products. Prompts are left-padded (so every row's next token sits in the same
+column), the attention mask hides the padding, and positions count real
+tokens only, so each row computes what it would alone. Rows that reach an
+end-of-sequence token stop contributing output; the batch stops when every
+row has, or at the token budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kubetune_trainer.modeling import Runtime
+
+
+@dataclass(frozen=True)
+class Output:
+    tokens: list[int]  # new tokens, without the end-of-sequence token
+    stopped: bool  # True: ended before its budget (end-of-sequence, or a stop string and then padding)
+    eos: bool = False  # True: the token that ended it was an end-of-sequence token (generated, so counted)
+
+    @property
+    def generated(self) -> int:
+        """Tokens the model produced for this row, the end-of-sequence token included."""
+        return len(self.tokens) + int(self.eos)
+
+
+def eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token that ends a turn: the model's generation config may list several, the tokenizer has one."""
+    found = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [found] if isinstance(found, int) else list(found or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), padded on the left to the longest prompt."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+            mask[row, width - len(prompt) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def split_outputs(
+    new: torch.Tensor, stop_ids: Sequence[int], budgets: Sequence[int], pad_id: int | None = None
+) -> list[Output]:
+    """Each row's tokens up to its first end-of-sequence (or padding) token, or up to its own budget."""
+    ends = {*stop_ids, *([] if pad_id is None else [pad_id])}
+    outputs = []
+    for row, budget in zip(new.tolist(), budgets, strict=True):
+        cut = next((i for i, t in enumerate(row) if t in ends), None)
+        if cut is not None and cut < budget:
+            outputs.append(Output(row[:cut], True, row[cut] in stop_ids))
+        else:
+            outputs.append(Output(row[:budget], False))
+    return outputs
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    runtime: Runtime,
+    *,
+    max_new_tokens: int | Sequence[int],
+    sampling: dict[str, Any] | None = None,
+) -> list[Output]:
+    """Generate for every prompt in one batch; greedy unless ``sampling`` says otherwise.
+
+    ``max_new_tokens`` may differ per prompt: the batch runs to the largest,
+    and each row is cut at its own (greedy decoding makes that the same as
+    having stopped there).
+    """
+    if not prompts:
+        return []
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    stop_ids = eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    ids, mask = left_pad(prompts, pad_id, runtime.device)
+    options: dict[str, Any] = {"do_sample": False} | (sampling or {})
+    autocast = torch.autocast(runtime.device.type, dtype=runtime.autocast) if runtime.autocast else nullcontext()
+    with autocast:
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max(budgets),
+            eos_token_id=stop_ids,
+            pad_token_id=pad_id,
+            **options,
+        )
+    # A row that finished early (a stop string) is filled with pad tokens: they end its output too.
+    return split_outputs(out[:, ids.shape[1] :], stop_ids, budgets, pad_id)
