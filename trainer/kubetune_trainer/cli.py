@@ -17,7 +17,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -209,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kubetune-trainer {__version__}")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_run, _add_launch, _add_serve, _add_fetch, _add_eval_endpoint, _add_import_gguf):
+        add(sub)
+    return parser
+
+
+def _add_run(sub: Any) -> None:
     run = sub.add_parser("run", help="run one fine-tune: prepare, train, evaluate, publish")
     run.add_argument("--config", required=True, help="TrainerConfig JSON file, or - for stdin")
     run.add_argument(
@@ -219,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress-bar", action="store_true", help="never draw a progress bar")
     run.set_defaults(func=_run)
 
+
+def _add_launch(sub: Any) -> None:
     launch = sub.add_parser(
         "launch",
         help="run `run` under torchrun (several GPUs or nodes), keeping the trainer's exit code",
@@ -232,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("trainer_args", nargs=argparse.REMAINDER, help="-- then the trainer's arguments")
     launch.set_defaults(func=_launch)
 
+
+def _add_serve(sub: Any) -> None:
     serve = sub.add_parser(
         "serve",
         help="serve a base model and its PEFT adapters with an OpenAI-compatible API (reference server)",
@@ -263,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_serve)
 
+
+def _add_fetch(sub: Any) -> None:
     fetch = sub.add_parser(
         "fetch",
         help="download a model or adapter folder (s3://, file://, pvc://, hf://), verifying its digest",
@@ -275,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--region", help="S3 region (default $AWS_REGION, else us-east-1)")
     fetch.set_defaults(func=_fetch)
 
+
+def _add_eval_endpoint(sub: Any) -> None:
     online = sub.add_parser(
         "eval-endpoint",
         help="score an OpenAI-compatible endpoint on a JSONL dataset (the online eval of a canary)",
@@ -301,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     online.add_argument("--region", help="S3 region (default $AWS_REGION, else us-east-1)")
     online.set_defaults(func=_eval_endpoint)
 
+
+def _add_import_gguf(sub: Any) -> None:
     gguf = sub.add_parser(
         "import-gguf",
         help="convert a GGUF model file (llama.cpp, Ollama) into a Hugging Face folder usable as a base model",
@@ -310,7 +326,6 @@ def build_parser() -> argparse.ArgumentParser:
     gguf.add_argument("out", type=Path, help="folder to write (config, model.safetensors, tokenizer)")
     gguf.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds files")
     gguf.set_defaults(func=_import_gguf)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
