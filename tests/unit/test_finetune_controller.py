@@ -236,7 +236,7 @@ def test_running_job_is_mirrored_and_progress_polled(
     kube: FakeKube, controller: FineTuneController, output: Path
 ) -> None:
     obj, job = launched(kube, controller)
-    controller.on_job_event("MODIFIED", obj, set_job(job, active=1, startTime="2026-11-29T10:00:00Z"))
+    controller.on_job_event("MODIFIED", obj, set_job(job, active=1, ready=1, startTime="2026-11-29T10:00:00Z"))
     current = status(kube, obj)
     assert (current["phase"], current["attempts"], current["startTime"]) == ("Preparing", 1, "2026-11-29T10:00:00Z")
     uid = obj["metadata"]["uid"]
@@ -394,7 +394,7 @@ def test_a_refused_status_write_when_the_job_completes_is_retried(
 
 def test_a_progress_poll_survives_api_errors(kube: FakeKube, controller: FineTuneController, output: Path) -> None:
     obj, job = launched(kube, controller)
-    controller.on_job_event("MODIFIED", obj, set_job(job, active=1))
+    controller.on_job_event("MODIFIED", obj, set_job(job, active=1, ready=1))
     run = Path(job["metadata"]["annotations"][build.OUTPUT_ANNOTATION].removeprefix("file://"))
     run.mkdir(parents=True)
     (run / "progress.json").write_text(json.dumps({"stage": "train", "step": 2, "total_steps": 9}))
@@ -536,7 +536,7 @@ def test_progress_is_written_when_something_visible_changes_else_at_most_once_a_
     kube: FakeKube, controller: FineTuneController
 ) -> None:
     obj, job = launched(kube, controller)
-    controller.on_job_event("MODIFIED", obj, set_job(job, active=1))
+    controller.on_job_event("MODIFIED", obj, set_job(job, active=1, ready=1))
     run = Path(job["metadata"]["annotations"][build.OUTPUT_ANNOTATION].removeprefix("file://"))
     run.mkdir(parents=True)
     uid = obj["metadata"]["uid"]
@@ -618,3 +618,18 @@ def test_retain_gets_no_finalizer(kube: FakeKube, controller: FineTuneController
     obj = finetune(kube)
     controller.finetune_seen("ADDED", obj)
     assert not (kube.get("finetunes", NS, "support-bot-v1") or {})["metadata"].get("finalizers")
+
+
+def test_pending_pods_cost_no_storage_reads(kube: FakeKube, controller: FineTuneController, output: Path) -> None:
+    obj, job = launched(kube, controller)
+    controller.on_job_event("MODIFIED", obj, set_job(job, active=1))  # a pod, not running yet
+    run = Path(job["metadata"]["annotations"][build.OUTPUT_ANNOTATION].removeprefix("file://"))
+    run.mkdir(parents=True)
+    (run / "progress.json").write_text(json.dumps({"stage": "train", "step": 3, "total_steps": 9, "percent": 33}))
+    scheduler = controller.scheduler
+    assert isinstance(scheduler, ManualScheduler)
+    scheduler.run(("progress", obj["metadata"]["uid"]))
+    assert "progress" not in status(kube, obj)
+    controller.on_job_event("MODIFIED", obj, set_job(job, active=1, ready=1))
+    scheduler.run(("progress", obj["metadata"]["uid"]))
+    assert status(kube, obj)["progress"]["step"] == 3

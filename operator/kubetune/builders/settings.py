@@ -49,10 +49,10 @@ class OperatorSettings:
     hf_endpoint: str | None = None
     """HF_ENDPOINT for training pods (a hub mirror), when hf:// models are used."""
 
-    progress_interval_seconds: float = 5.0
+    progress_interval_seconds: float = 10.0
     """How often the trainer writes progress.json."""
 
-    status_interval_seconds: float = 5.0
+    status_interval_seconds: float = 10.0
     """How often the operator mirrors progress.json into status while a run is active."""
 
     stalled_after_seconds: float = 300.0

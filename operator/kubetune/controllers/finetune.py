@@ -653,7 +653,9 @@ class FineTuneController:
             return  # the Job ended, was suspended or went away
         obj, job = current
         try:
-            progress = self.read_progress(obj, job)
+            # Pods that are not running yet (pending, pulling, waiting for a GPU) wrote no progress.
+            ready = int((job.get("status") or {}).get("ready") or 0) > 0
+            progress = self.read_progress(obj, job) if ready else None
             if progress is not None:
                 self.observe(obj, job, progress=progress)
             self.check_stalled(obj, job, progress)
