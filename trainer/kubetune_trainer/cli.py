@@ -154,6 +154,9 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         max_tokens_limit=args.max_tokens_limit,
         max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        request_timeout=args.request_timeout,
+        max_body_bytes=args.max_body_bytes,
     )
     return serve(options)
 
@@ -270,6 +273,18 @@ def _add_serve(sub: Any) -> None:
         type=_positive,
         default=16,
         help="queued requests (same model and sampling) generated together (default 16; 1: one at a time)",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=_positive,
+        default=64,
+        help="requests that may wait for the model; more get 429 (default 64)",
+    )
+    serve.add_argument(
+        "--request-timeout", type=float, default=120.0, help="seconds before a request gets 504 (default 120)"
+    )
+    serve.add_argument(
+        "--max-body-bytes", type=_positive, default=1 << 20, help="largest request body; more gets 413 (default 1 MiB)"
     )
     serve.set_defaults(func=_serve)
 

@@ -77,6 +77,9 @@ class ServeOptions:
     port: int = 8000
     max_tokens_limit: int = 512
     max_batch_size: int = 16
+    max_queue: int = 64  # requests waiting for the model; more are refused with 429
+    request_timeout: float = 120.0  # seconds a request may wait and generate before it gets 504
+    max_body_bytes: int = 1 << 20  # a larger request body is refused with 413
 
     @property
     def model_names(self) -> list[str]:
@@ -132,16 +135,19 @@ def fetch(uri: str, dest: Path, digest: str | None, settings: storage.S3Settings
 class ApiError(Exception):
     """A request that fails with an HTTP status and an OpenAI-shaped error body."""
 
-    def __init__(self, status: int, message: str, error_type: str, code: str) -> None:
+    def __init__(
+        self, status: int, message: str, error_type: str, code: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type
         self.code = code
+        self.headers = headers or {}
 
     def response(self) -> web.Response:
         body = {"error": {"message": self.message, "type": self.error_type, "code": self.code}}
-        return web.json_response(body, status=self.status)
+        return web.json_response(body, status=self.status, headers=self.headers)
 
 
 def bad_request(message: str, code: str = "invalid_request") -> ApiError:
@@ -483,10 +489,13 @@ class Batcher:
     no request waits behind ones that arrived later.
     """
 
-    def __init__(self, executor: ThreadPoolExecutor, metrics: Metrics, max_batch_size: int) -> None:
+    def __init__(
+        self, executor: ThreadPoolExecutor, metrics: Metrics, max_batch_size: int, max_queue: int = 64
+    ) -> None:
         self.executor = executor
         self.metrics = metrics
         self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
         self.queue: list[_Queued] = []
         self.draining = False
         self._task: asyncio.Task[None] | None = None
@@ -495,6 +504,15 @@ class Batcher:
         self, engine: Engine, model: str, prompt: str | list[dict[str, str]], sampling: Sampling
     ) -> Generation:
         loop = asyncio.get_running_loop()
+        waiting = sum(1 for q in self.queue if not q.future.done())
+        if waiting >= self.max_queue:
+            raise ApiError(
+                429,
+                f"the server is busy: {waiting} requests are waiting (--max-queue {self.max_queue}); retry shortly",
+                "rate_limit_exceeded",
+                "queue_full",
+                headers={"Retry-After": "1"},
+            )
         item = _Queued(model, prompt, sampling, loop.create_future())
         self.queue.append(item)
         if not self.draining:
@@ -546,8 +564,8 @@ class Server:
         self.metrics = Metrics()
         # One worker: generation is serialized (batches run one after another); the event loop stays free.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-        self.batcher = Batcher(self.executor, self.metrics, options.max_batch_size)
-        self.app = web.Application()
+        self.batcher = Batcher(self.executor, self.metrics, options.max_batch_size, options.max_queue)
+        self.app = web.Application(client_max_size=options.max_body_bytes)
         self.app.add_routes(
             [
                 web.get("/healthz", self.healthz),
@@ -630,6 +648,12 @@ class Server:
     async def _parse(self, request: web.Request, endpoint: Endpoint) -> _Request:
         try:
             body = await request.json()
+        except web.HTTPRequestEntityTooLarge as e:
+            limit = self.options.max_body_bytes
+            raise ApiError(
+                413, f"the request body is larger than {limit} bytes (--max-body-bytes)", "invalid_request_error",
+                "body_too_large",
+            ) from e  # fmt: skip
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise bad_request(f"the body is not valid JSON: {e}", "invalid_json") from e
         if not isinstance(body, dict):
@@ -658,7 +682,15 @@ class Server:
         else:
             assert isinstance(parsed, ChatRequest)
             prompt = [{"role": m.role, "content": m.content} for m in parsed.messages]
-        result = await self.batcher.submit(engine, parsed.model, prompt, sampling)
+        try:
+            result = await asyncio.wait_for(
+                self.batcher.submit(engine, parsed.model, prompt, sampling), self.options.request_timeout
+            )
+        except TimeoutError as e:
+            raise ApiError(
+                504, f"no answer within {self.options.request_timeout:g} s (--request-timeout); the server is busy",
+                "server_error", "timeout",
+            ) from e  # fmt: skip
         self.metrics.prompt_tokens.labels(model=parsed.model).inc(result.prompt_tokens)
         self.metrics.completion_tokens.labels(model=parsed.model).inc(result.completion_tokens)
         usage = {
