@@ -90,6 +90,9 @@ RUN pip install --no-cache-dir --no-index --find-links /tmp/wheels "kubetune[ope
 LABEL org.opencontainers.image.title="kubetune-operator" \
       org.opencontainers.image.version="${KUBETUNE_VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
+# Two malloc arenas, not one per thread per core: the operator's threads allocate small, short-lived
+# objects, and per-thread arenas kept freed memory resident (RSS) under bursts of events.
+ENV MALLOC_ARENA_MAX=2
 USER 65532:65532
 # 8080: Prometheus /metrics; 8081: /healthz.
 EXPOSE 8080 8081

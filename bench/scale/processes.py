@@ -155,6 +155,7 @@ class OperatorProcess:
             "KUBETUNE_DEFAULT_STORAGE_SECRET": "s3-credentials",
             "KUBETUNE_METRICS_PORT": str(metrics_port),
             "KUBETUNE_HEALTH_PORT": str(health_port),
+            "MALLOC_ARENA_MAX": "2",  # as the operator image sets it
         }
         log_path = workdir / "operator.log"
         with log_path.open("ab") as out:

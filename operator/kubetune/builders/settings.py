@@ -62,7 +62,7 @@ class OperatorSettings:
     """How long the operator keeps trying to delete a FineTune's artifacts (output.retention: Delete) before
     it lets the FineTune go and leaves them, with a Warning Event naming where they are."""
 
-    progress_status_seconds: float = 60.0
+    progress_status_seconds: float = 600.0
     """How often status.progress is refreshed when only the step, loss or ETA moved; a new percentage, stage,
     checkpoint or phase is written at once. Keeps API writes per running FineTune low."""
 

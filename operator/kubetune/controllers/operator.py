@@ -116,6 +116,10 @@ def build_registry(
         # its 0.1 s default is added to every FineTune's time to a Job. The handlers are idempotent
         # and cheap when nothing changed, so a short window costs little.
         settings.batching.batch_window = 0.01
+        # kopf keeps a worker (a task and a queue) per object for idle_timeout after its last event; in a
+        # burst of a thousand FineTunes that is a thousand of them. The controllers' state is their own,
+        # so a worker may go as soon as its object is quiet.
+        settings.batching.idle_timeout = 0.5
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
         settings.watching.connect_timeout = API_TIMEOUT[0]
