@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -33,7 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import urlparse
 
 _CHUNK = 1024 * 1024
@@ -226,11 +227,10 @@ class FileStore(Store):
             return [prefix]
         if not base.is_dir():
             return []
+        # Lexical paths, not resolved ones: a symlink that leads out of the root is listed, and refused when read.
         root = self.root.resolve()
         return sorted(
-            p.resolve().relative_to(root).as_posix()
-            for p in base.rglob("*")
-            if p.is_file() and not p.name.endswith(".part")
+            p.relative_to(root).as_posix() for p in base.rglob("*") if p.is_file() and not p.name.endswith(".part")
         )
 
     def stored_sha256(self, key: str) -> str | None:
@@ -257,29 +257,39 @@ class S3Store(Store):
 
     def _call(self, what: str, fn: Callable[[], _T]) -> _T:
         """Run one S3 call, retrying transient failures with exponential backoff."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
         delay = 0.5
         for attempt in range(1, self.attempts + 1):
             try:
                 return fn()
-            except ClientError as e:
-                code = str(e.response.get("Error", {}).get("Code", ""))
-                status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-                if code in ("NoSuchKey", "404", "NotFound"):
-                    raise NotFoundError(f"s3://{self.bucket}/{what} does not exist") from e
-                if code == "NoSuchBucket":
-                    raise NotFoundError(f"bucket {self.bucket!r} does not exist") from e
-                if status < 500 and code not in ("SlowDown", "RequestTimeout", "Throttling"):
-                    raise StorageError(f"s3://{self.bucket}/{what}: {code or status}: {e}") from e
-                error: Exception = e
-            except BotoCoreError as e:
-                error = e
+            except Exception as e:
+                error = self._transient(what, e)
             if attempt == self.attempts:
                 raise StorageError(f"s3://{self.bucket}/{what}: gave up after {attempt} attempts: {error}") from error
             time.sleep(delay)
             delay = min(delay * 2, 8.0)
         raise AssertionError("unreachable")
+
+    def _transient(self, what: str, error: Exception) -> Exception:
+        """``error`` when a retry may help; raises NotFoundError, StorageError or ``error`` itself when not."""
+        from boto3.exceptions import RetriesExceededError, S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        # boto3's file transfers wrap the client's error (upload) or retry connection errors first (download).
+        if isinstance(error, S3UploadFailedError) and isinstance(error.__context__, ClientError | BotoCoreError):
+            error = error.__context__
+        if isinstance(error, RetriesExceededError | BotoCoreError):
+            return cast(Exception, error)  # boto3 is untyped: isinstance narrows to Any
+        if not isinstance(error, ClientError):
+            raise error
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in ("NoSuchKey", "404", "NotFound"):
+            raise NotFoundError(f"s3://{self.bucket}/{what} does not exist") from error
+        if code == "NoSuchBucket":
+            raise NotFoundError(f"bucket {self.bucket!r} does not exist") from error
+        if status < 500 and code not in ("SlowDown", "RequestTimeout", "Throttling"):
+            raise StorageError(f"s3://{self.bucket}/{what}: {code or status}: {error}") from error
+        return cast(Exception, error)
 
     def read_bytes(self, key: str) -> bytes:
         def get() -> bytes:
@@ -351,9 +361,19 @@ class Location:
         return Location(self.store, key, join(self.uri, *parts))
 
 
+_CLAIM_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+
+
+def _check_path(uri: str, path: str) -> None:
+    """Refuse ``..`` segments: a key must never lead out of its bucket, claim or the folder it is fetched into."""
+    if ".." in path.split("/"):
+        raise InvalidURIError(f"{uri}: '..' path segments are not allowed in storage URIs")
+
+
 def resolve(uri: str, settings: S3Settings | None = None) -> Location:
     """The store and key a ``s3://``, ``file://`` or ``pvc://`` URI names."""
     parsed = urlparse(uri)
+    _check_path(uri, parsed.path)
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise InvalidURIError(f"{uri}: s3:// URIs need a bucket, e.g. s3://bucket/key")
@@ -364,10 +384,12 @@ def resolve(uri: str, settings: S3Settings | None = None) -> Location:
         path = Path(parsed.path)
         return Location(FileStore(Path(path.anchor or "/")), path.as_posix().lstrip("/"), uri)
     if parsed.scheme == "pvc":
+        if not _CLAIM_NAME.fullmatch(parsed.netloc):
+            raise InvalidURIError(f"{uri}: pvc:// URIs name a PersistentVolumeClaim, e.g. pvc://claim/path")
         root = Path(os.environ.get("KUBETUNE_PVC_ROOT", "/mnt/pvc")) / parsed.netloc
         return Location(FileStore(root), parsed.path.lstrip("/"), uri)
     if parsed.scheme == "hf":
-        raise InvalidURIError(f"{uri}: hf:// is read-only; use fetch_model() to read it")
+        raise InvalidURIError(f"{uri}: hf:// names a model on a hub; files are read from s3://, file:// or pvc://")
     raise InvalidURIError(f"{uri}: unsupported scheme {parsed.scheme!r} (use s3://, file:// or pvc://)")
 
 
@@ -384,6 +406,8 @@ def write_json(uri: str, value: Any, settings: S3Settings | None = None) -> None
 def fetch_file(uri: str, dest: Path, settings: S3Settings | None = None) -> Path:
     """Download one file (``hf://`` not supported: datasets come from s3/file/pvc)."""
     loc = resolve(uri, settings)
+    if not loc.key or loc.key.endswith("/"):
+        raise InvalidURIError(f"{uri}: names a folder, not a file")
     loc.store.download(loc.key, dest)
     return dest
 
@@ -391,7 +415,23 @@ def fetch_file(uri: str, dest: Path, settings: S3Settings | None = None) -> Path
 def _iter_prefix(loc: Location) -> Iterator[tuple[str, str]]:
     prefix = loc.key.rstrip("/") + "/" if loc.key else ""
     for key in loc.store.list(prefix):
-        yield key, key[len(prefix) :]
+        if not key.endswith("/"):  # folder markers some tools write hold no content
+            yield key, key[len(prefix) :]
+
+
+def local_path(dest: Path, rel: str, uri: str) -> Path:
+    """``dest / rel`` for a key listed under ``uri``; refused when it would lie outside ``dest``.
+
+    Keys come from the store, not from kubetune: a bucket may hold ``a/../../x``
+    or ``a//etc/x`` (``Path("/d") / "/etc/x"`` is ``/etc/x``).
+    """
+    if not rel or rel.startswith("/") or ".." in rel.split("/"):
+        raise InvalidURIError(f"{uri}: refusing to fetch {rel!r}: it would be written outside {dest}")
+    path = dest / rel
+    root = dest.resolve()
+    if root not in path.resolve().parents:
+        raise InvalidURIError(f"{uri}: refusing to fetch {rel!r}: it would be written outside {dest}")
+    return path
 
 
 def fetch_dir(uri: str, dest: Path, settings: S3Settings | None = None, *, revision: str | None = None) -> Path:
@@ -406,7 +446,7 @@ def fetch_dir(uri: str, dest: Path, settings: S3Settings | None = None, *, revis
     loc = resolve(uri, settings)
     found = False
     for key, rel in _iter_prefix(loc):
-        loc.store.download(key, dest / rel)
+        loc.store.download(key, local_path(dest, rel, uri))
         found = True
     if not found:
         raise NotFoundError(f"{uri}: no files there")
