@@ -218,6 +218,32 @@ def test_published_adapter_reloads_with_identical_logits(tiny_model: Path, tmp_p
     assert not torch.allclose(expected, base, atol=1e-3), "the adapter changed nothing"
 
 
+def test_saved_adapter_bytes_do_not_depend_on_the_process(tiny_model: Path, tmp_path: Path) -> None:
+    """PEFT writes target_modules in set order; string hashing differs per process (PYTHONHASHSEED)."""
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from kubetune_trainer import modeling, publish\n"
+        "from kubetune_trainer.config import TrainerConfig\n"
+        "cfg = TrainerConfig.model_validate_json(Path(sys.argv[1]).read_text())\n"
+        "runtime = modeling.pick_runtime('fp32')\n"
+        "model = modeling.apply_method(modeling.load_base_model(Path(sys.argv[2]), cfg.method, runtime), cfg.method,"
+        " gradient_checkpointing=False)\n"
+        "publish.save_artifact(model, None, cfg, Path(sys.argv[3]))\n"
+    )
+    (tmp_path / "config.json").write_text(make_config(tmp_path, tiny_model).model_dump_json())
+    digests = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / f"artifact-{seed}"
+        subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / "config.json"), str(tiny_model), str(out)],
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            timeout=300,
+        )
+        digests.append(storage.sha256_file(out / "adapter_config.json"))
+    assert len(set(digests)) == 1, digests
+
+
 # ----------------------------------------------------------------------------- a whole run
 
 

@@ -46,7 +46,26 @@ def save_artifact(model: Any, tokenizer: Any, cfg: TrainerConfig, dest: Path) ->
     model.save_pretrained(dest, safe_serialization=True)
     if cfg.method.type == "Full":
         tokenizer.save_pretrained(dest)
+    else:
+        _sort_set_fields(dest / "adapter_config.json", model)
     return dest
+
+
+def _sort_set_fields(path: Path, model: Any) -> None:
+    """Write PEFT's set-valued fields (``target_modules``) sorted.
+
+    PEFT writes them in set order, which string hashing makes differ from one
+    process to the next: a rerun would publish other bytes than the first
+    attempt, and published files are write-once.
+    """
+    peft_config = getattr(model, "peft_config", {}).get("default")
+    if peft_config is None or not path.is_file():
+        return
+    doc = json.loads(path.read_text())
+    for key, value in vars(peft_config).items():
+        if isinstance(value, set) and isinstance(doc.get(key), list):
+            doc[key] = sorted(doc[key], key=str)
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True))
 
 
 def build_manifest(
