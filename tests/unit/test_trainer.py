@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from kubetune_trainer import data, evaluate, modeling, publish, storage, train
+from kubetune_trainer import data, evaluate, modeling, outage, pipeline, publish, storage, train
 from kubetune_trainer.config import (
     EvaluationConfig,
     GateConfig,
@@ -337,6 +337,36 @@ def test_rerun_after_publish_reports_the_recorded_result(
     assert time.monotonic() - started < 30
 
 
+def test_a_run_stopped_before_its_manifest_publishes_the_same_adapter_without_training_again(
+    finished_run: tuple[TrainerConfig, dict[str, Any], str], tmp_path: Path
+) -> None:
+    """What a pod killed (or a store failing) between the adapter upload and the manifest leaves: all but manifest.json.
+
+    The rerun must load the final checkpoint rather than train again (on a GPU
+    retraining gives other bytes, and published files are write-once).
+    """
+    import shutil
+
+    cfg, summary, _ = finished_run
+    copy = tmp_path / "out" / "run-1"
+    shutil.copytree(local(cfg.output_uri), copy)
+    (copy / "manifest.json").unlink()
+    adapter_files = {p.name: storage.sha256_file(p) for p in (copy / "adapter").iterdir()}
+    rerun = cfg.model_copy(update={"output_uri": f"file://{copy}/"})
+    code, again, output = run_cli(rerun, tmp_path)
+    assert code == ExitCode.OK, output
+    assert "trained already: loaded the final checkpoint" in output
+    steps = summary["training"]["steps"]
+    assert again["training"]["resumedFromStep"] == again["training"]["steps"] == steps
+    assert again["training"]["finalLoss"] == summary["training"]["finalLoss"]
+    assert again["adapter"]["digest"] == summary["adapter"]["digest"]
+    assert {p.name: storage.sha256_file(p) for p in (copy / "adapter").iterdir()} == adapter_files
+    assert json.loads((copy / "manifest.json").read_text())["artifact"]["digest"] == summary["adapter"]["digest"]
+    progress = json.loads((copy / "progress.json").read_text())
+    assert progress["stage"] == "done"
+    assert progress["history"], "the loss curve was lost on the rerun"
+
+
 def test_failed_gates_publish_an_unpromotable_adapter(tiny_model: Path, tmp_path: Path) -> None:
     cfg = make_config(
         tmp_path,
@@ -410,6 +440,8 @@ GOOD = [
         ("rank-above-hidden-size", "ConfigInvalid", "method.lora.rank"),
         ("missing-base-model", "BaseModelNotFound", "baseModel.uri"),
         ("missing-dataset", "DataNotFound", "dataset.train"),
+        ("hub-dataset", "ConfigInvalid", "dataset.train: hf://acme/tickets"),
+        ("parent-segments", "ConfigInvalid", "dataset.validation: file:///"),
     ],
 )
 def test_bad_input_fails_fast_naming_the_problem(
@@ -437,6 +469,10 @@ def test_bad_input_fails_fast_naming_the_problem(
         overrides["base_model"] = {"uri": f"file://{tmp_path}/no-such-model"}
     elif case == "missing-dataset":
         train_uri = f"file://{tmp_path}/no-such-train.jsonl"
+    elif case == "hub-dataset":
+        train_uri = "hf://acme/tickets"
+    elif case == "parent-segments":
+        overrides["dataset"] = {"validation": f"file://{SUPPORT_DATA}/../support/val.jsonl"}
     dataset = {"train": train_uri, **overrides.pop("dataset", {})}
     cfg = make_config(tmp_path, tiny_model, dataset=dataset, **overrides)
     started = time.monotonic()
@@ -446,6 +482,30 @@ def test_bad_input_fails_fast_naming_the_problem(
     assert needle in summary["message"], summary["message"]
     assert not local(storage.join(cfg.output_uri, "checkpoints")).exists(), "it trained on bad input"
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize(
+    ("error", "reason", "code", "needle"),
+    [
+        (MemoryError(), "OutOfMemory", ExitCode.OUT_OF_MEMORY, "resources.memory"),
+        ("cpu-allocation", "OutOfMemory", ExitCode.OUT_OF_MEMORY, "DefaultCPUAllocator"),
+        (torch.cuda.OutOfMemoryError("CUDA out of memory"), "OutOfMemory", ExitCode.OUT_OF_MEMORY, "GPU"),
+        (storage.InvalidURIError("x://y: unsupported scheme"), "ConfigInvalid", ExitCode.BAD_INPUT, "x://y"),
+        (storage.StorageError("gave up"), "StorageUnavailable", ExitCode.STORAGE_UNAVAILABLE, "gave up"),
+        (outage.OutageTooLong("no answer"), "StorageUnavailable", ExitCode.STORAGE_UNAVAILABLE, "no answer"),
+        (modeling.MethodUnavailableError("CUDA GPU"), "MethodUnavailable", ExitCode.BAD_INPUT, "CUDA"),
+        (RuntimeError("boom"), "TrainerError", ExitCode.FAILED, "RuntimeError: boom"),
+    ],
+)
+def test_failures_are_classified(error: Exception | str, reason: str, code: ExitCode, needle: str) -> None:
+    if error == "cpu-allocation":  # what torch raises when host memory runs out
+        with pytest.raises(RuntimeError) as raised:
+            torch.empty(1 << 52, dtype=torch.uint8)
+        error = raised.value
+    assert isinstance(error, Exception)
+    summary, got = pipeline.classify(error, "r1")
+    assert (summary.reason, got) == (reason, code)
+    assert needle in summary.message
 
 
 def test_invalid_config_file_is_bad_input(tmp_path: Path) -> None:

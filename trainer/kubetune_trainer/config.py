@@ -44,6 +44,16 @@ class StorageConfig(_Config):
     endpoint: str | None = Field(default=None, description="S3 endpoint URL; None means AWS.")
     region: str = Field(default="us-east-1", description="Region for the S3 client.")
     attempts: int = Field(default=6, ge=1, le=20, description="Tries per storage call before giving up.")
+    outage_wait_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        le=86_400,
+        description=(
+            "How long the run waits for an unreachable store once training is done (final checkpoint, "
+            "eval report, adapter) before it exits 75 and the next pod resumes; checkpoint uploads during "
+            "training are retried in the background and never stop training."
+        ),
+    )
 
 
 class ModelConfig(_Config):

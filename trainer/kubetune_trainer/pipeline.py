@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from kubetune_trainer import storage
+from kubetune_trainer import outage, storage
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.contract import (
     EvaluationSummary,
@@ -34,6 +34,8 @@ from kubetune_trainer.contract import (
 from kubetune_trainer.progress import ProgressReporter
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 class RunError(Exception):
@@ -68,6 +70,8 @@ def prepare(
             local = storage.fetch_file(uri, work / f"{split}.jsonl", settings)
         except storage.NotFoundError as e:
             raise RunError(ExitCode.BAD_INPUT, "DataNotFound", f"dataset.{split}: {e}") from e
+        except storage.InvalidURIError as e:
+            raise RunError(ExitCode.BAD_INPUT, "ConfigInvalid", f"dataset.{split}: {e}") from e
         loaded[split] = data.load_jsonl(local, cfg.dataset.format)
 
     data.ensure_chat_template(tokenizer)
@@ -175,6 +179,8 @@ def _fetch_base_model(cfg: TrainerConfig, settings: storage.S3Settings, progress
         )
     except storage.NotFoundError as e:
         raise RunError(ExitCode.BAD_INPUT, "BaseModelNotFound", f"baseModel.uri: {e}") from e
+    except storage.InvalidURIError as e:
+        raise RunError(ExitCode.BAD_INPUT, "ConfigInvalid", f"baseModel.uri: {e}") from e
     model_digest, _ = storage.digest_of_dir(model_dir)
     if cfg.base_model.digest and cfg.base_model.digest != model_digest:
         raise RunError(
@@ -241,8 +247,11 @@ def _evaluate(
     progress.stage("evaluate", "scoring the fine-tune and its baselines")
     general = evaluate.general_text_sample()
     if cfg.evaluation.general_text:
-        local = Path(cfg.work_dir) / "general.txt"
-        general = storage.fetch_file(cfg.evaluation.general_text, local, settings).read_text("utf-8")
+        uri, local = cfg.evaluation.general_text, Path(cfg.work_dir) / "general.txt"
+        fetched = _durably(
+            cfg, progress, "fetching evaluation.generalText", lambda: storage.fetch_file(uri, local, settings)
+        )
+        general = fetched.read_text("utf-8")
     separate_base = (
         modeling.load_base_model(trained.model_dir, cfg.method, trained.runtime) if cfg.method.type == "Full" else None
     )
@@ -260,10 +269,12 @@ def _evaluate(
         on_candidate=lambda name: progress.stage("evaluate", f"scoring {name}"),
     )
     report_uri = storage.join(cfg.output_uri, "eval", "report.json")
-    storage.write_json(report_uri, report.as_json(), settings)
+    _durably(
+        cfg, progress, "writing eval/report.json", lambda: storage.write_json(report_uri, report.as_json(), settings)
+    )
     markdown = evaluate.markdown(report)
     loc = storage.resolve(storage.join(cfg.output_uri, "eval", "report.md"), settings)
-    loc.store.write_bytes(loc.key, markdown.encode())
+    _durably(cfg, progress, "writing eval/report.md", lambda: loc.store.write_bytes(loc.key, markdown.encode()))
     log.info("\n%s", markdown)
 
     headline = report.headline
@@ -314,7 +325,7 @@ def _publish(
         promotable=passed,
     )
     try:
-        publish.publish(artifact, manifest, cfg, settings)
+        _durably(cfg, progress, "publishing", lambda: publish.publish(artifact, manifest, cfg, settings))
     except storage.WriteOnceError as e:
         raise RunError(ExitCode.BAD_INPUT, "ArtifactConflict", str(e)) from e
     progress.stage("done", evaluation.summary)
@@ -322,34 +333,62 @@ def _publish(
     return manifest
 
 
+def _durably(cfg: TrainerConfig, progress: ProgressReporter, what: str, fn: Callable[[], _T]) -> _T:
+    """``fn()``, waiting out a storage outage for up to ``storage.outage_wait_seconds``.
+
+    The wait is logged; progress.json is written again as soon as the store answers.
+    """
+    return outage.ride_out(
+        fn, what=what, budget=cfg.storage.outage_wait_seconds, on_recover=lambda _waited: progress.flush()
+    )
+
+
 def execute(cfg: TrainerConfig, *, termination_log: Path | None, progress_bar: bool | None = None) -> int:
     """Run, classify the outcome, write the termination message; return the exit code."""
-    import torch
-
-    from kubetune_trainer.modeling import MethodConfigError, MethodUnavailableError
-
     try:
         result = run(cfg, progress_bar=progress_bar)
         if result is None:  # a torchrun worker: rank 0 reports for the run
             return int(ExitCode.OK)
         summary = result
         code = ExitCode.OK if summary.phase == "Succeeded" else ExitCode.GATES_FAILED
-    except RunError as e:
-        summary, code = Summary.failed(e.reason, e.message, cfg.run_id), e.code
-    except torch.cuda.OutOfMemoryError as e:
-        message = f"GPU out of memory ({e}); lower training.batchSize or maxSeqLength, or enable gradientCheckpointing"
-        summary, code = Summary.failed("OutOfMemory", message, cfg.run_id), ExitCode.OUT_OF_MEMORY
-    except MethodUnavailableError as e:
-        summary, code = Summary.failed("MethodUnavailable", str(e), cfg.run_id), ExitCode.BAD_INPUT
-    except MethodConfigError as e:
-        summary, code = Summary.failed("ConfigInvalid", str(e), cfg.run_id), ExitCode.BAD_INPUT
-    except storage.StorageError as e:
-        summary, code = Summary.failed("StorageUnavailable", str(e), cfg.run_id), ExitCode.STORAGE_UNAVAILABLE
     except Exception as e:
-        log.exception("run failed")
-        summary, code = Summary.failed("TrainerError", f"{type(e).__name__}: {e}", cfg.run_id), ExitCode.FAILED
+        summary, code = classify(e, cfg.run_id)
+        if code == ExitCode.FAILED:
+            log.exception("run failed")
+        if not isinstance(e, storage.StorageError):  # keep the checkpoint whose upload is under way
+            outage.finish_uploads(cfg.storage.outage_wait_seconds)
     announce(summary.to_json(), termination_log)
     return int(code)
+
+
+_CPU_OOM = ("can't allocate memory", "not enough memory")
+
+
+def classify(error: Exception, run_id: str) -> tuple[Summary, ExitCode]:
+    """The termination summary and exit code of a run that raised ``error``."""
+    import torch
+
+    from kubetune_trainer.modeling import MethodConfigError, MethodUnavailableError
+
+    def failed(reason: str, message: str, code: ExitCode) -> tuple[Summary, ExitCode]:
+        return Summary.failed(reason, message, run_id), code
+
+    if isinstance(error, RunError):
+        return failed(error.reason, error.message, error.code)
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        advice = "lower training.batchSize or maxSeqLength, or enable gradientCheckpointing"
+        return failed("OutOfMemory", f"GPU out of memory ({error}); {advice}", ExitCode.OUT_OF_MEMORY)
+    if isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and any(s in str(error) for s in _CPU_OOM)):
+        advice = "raise resources.memory, lower training.batchSize or maxSeqLength, or enable gradientCheckpointing"
+        detail = str(error).strip() or type(error).__name__
+        return failed("OutOfMemory", f"out of memory in host RAM ({detail[:300]}); {advice}", ExitCode.OUT_OF_MEMORY)
+    if isinstance(error, MethodUnavailableError):
+        return failed("MethodUnavailable", str(error), ExitCode.BAD_INPUT)
+    if isinstance(error, MethodConfigError | storage.InvalidURIError):
+        return failed("ConfigInvalid", str(error), ExitCode.BAD_INPUT)
+    if isinstance(error, storage.StorageError):
+        return failed("StorageUnavailable", str(error), ExitCode.STORAGE_UNAVAILABLE)
+    return failed("TrainerError", f"{type(error).__name__}: {error}", ExitCode.FAILED)
 
 
 def announce(line: str, termination_log: Path | None) -> None:

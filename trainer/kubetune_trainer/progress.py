@@ -4,11 +4,14 @@ The operator cannot see into the pod; it reads ``<run>/progress.json`` on a
 timer and mirrors it into ``status.progress``. Writes are throttled to one per
 ``interval`` seconds (plus one at every stage change and at the end) so a
 fast loop never hammers the store. A failed write is logged and skipped:
-progress is advisory and must never fail a training run.
+progress is advisory and must never fail a training run. Periodic writes try
+once (not the storage call's ~15 s of retries) and, while the store is down,
+back off to one try a minute, so an outage barely slows training.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -36,6 +39,8 @@ class ProgressReporter:
         self.interval = interval
         self.state = Progress()
         self._last_write = 0.0
+        self._failures = 0
+        self._once = dataclasses.replace(settings, attempts=1) if settings is not None else None
         self._bar: Any = None
         self._want_bar = sys.stderr.isatty() if bar is None else bar
 
@@ -50,8 +55,9 @@ class ProgressReporter:
             setattr(self.state, key, value)
         if self._want_bar and self.state.total_steps:
             self._update_bar()
-        if time.monotonic() - self._last_write >= self.interval:
-            self.flush()
+        wait = self.interval if not self._failures else min(self.interval * 2**self._failures, 60.0)
+        if time.monotonic() - self._last_write >= wait:
+            self.flush(once=True)
 
     def record(self, **point: Any) -> None:
         """Append a point to the loss history kept in progress.json (bounded)."""
@@ -74,14 +80,18 @@ class ProgressReporter:
         self._bar.set_postfix(postfix, refresh=False)
         self._bar.refresh()
 
-    def flush(self) -> None:
+    def flush(self, *, once: bool = False) -> None:
+        """Write progress.json now (``once``: a single try, for the periodic writes)."""
         self._last_write = time.monotonic()
         if self.uri is None:
             return
         try:
-            storage.write_json(self.uri, self.state.as_json(), self.settings)
+            storage.write_json(self.uri, self.state.as_json(), self._once if once else self.settings)
         except storage.StorageError as e:
+            self._failures += 1
             log.warning("could not write progress to %s: %s", self.uri, e)
+        else:
+            self._failures = 0
 
     def close(self) -> None:
         if self._bar is not None:

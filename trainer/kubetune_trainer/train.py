@@ -8,7 +8,10 @@ RNG states and the position in the data — and progress has to reach
 
 A checkpoint is complete only once its ``COMPLETE`` marker is written, after
 every other file; a pod killed mid-upload leaves an incomplete checkpoint that
-resume ignores.
+resume ignores. Checkpoints go up on a background thread (``outage.py``), so a
+storage outage never stops training. The last one, taken when training ends,
+holds the trained weights and the training result: a rerun (a pod killed while
+publishing) loads it instead of training again, so it publishes the same bytes.
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ import shutil
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kubetune_trainer import storage
+from kubetune_trainer import outage, storage
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.data import IGNORE_INDEX, Encoded, Packed, collate, pack
 from kubetune_trainer.modeling import Runtime
@@ -163,40 +166,52 @@ def _trainable_state(model: Any, full: bool) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
 
 
-def save_checkpoint(
+def write_checkpoint(
     model: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     state: _State,
     cfg: TrainerConfig,
-    settings: storage.S3Settings,
-) -> str:
-    """Write a checkpoint locally, upload it, then mark it complete. Returns its URI."""
+    *,
+    final: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint to the local disk; returns its folder.
+
+    ``final`` marks the checkpoint taken when training ends: it holds the
+    weights and the training result (``final``), not the optimizer state.
+    """
     from safetensors.torch import save_file
 
-    name = f"step-{state.step:08d}"
-    local = Path(cfg.work_dir) / "checkpoints" / name
+    local = Path(cfg.work_dir) / "checkpoints" / f"step-{state.step:08d}"
     shutil.rmtree(local, ignore_errors=True)
     local.mkdir(parents=True)
     save_file(_trainable_state(model, cfg.method.type == "Full"), str(local / "weights.safetensors"))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": {
-                "python": random.getstate(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    if final is None:
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": {
+                    "python": random.getstate(),
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                },
             },
-        },
-        local / "trainer_state.pt",
-    )
-    (local / "position.json").write_text(json.dumps(state.__dict__))
-    uri = storage.join(cfg.output_uri, "checkpoints", name)
+            local / "trainer_state.pt",
+        )
+    position: dict[str, Any] = dict(state.__dict__)
+    if final is not None:
+        position["final"] = final
+    (local / "position.json").write_text(json.dumps(position))
+    return local
+
+
+def upload_checkpoint(local: Path, cfg: TrainerConfig, settings: storage.S3Settings) -> str:
+    """Upload a checkpoint folder, then mark it complete. Returns its URI."""
+    uri = storage.join(cfg.output_uri, "checkpoints", local.name)
     files = storage.upload_dir(local, uri, settings)
-    marker = {"step": state.step, "files": files, "created": time.time()}
+    marker = {"step": json.loads((local / "position.json").read_text())["step"], "files": files, "created": time.time()}
     storage.write_json(storage.join(uri, COMPLETE), marker, settings)
-    shutil.rmtree(local, ignore_errors=True)
     log.info("checkpoint %s written", uri)
     return uri
 
@@ -224,7 +239,11 @@ def load_checkpoint(
     scheduler: Any,
     cfg: TrainerConfig,
     settings: storage.S3Settings,
-) -> _State:
+) -> tuple[_State, dict[str, Any] | None]:
+    """Load a checkpoint into the model (and, unless it is the final one, the optimizer and scheduler).
+
+    Returns the position in the data and, for the final checkpoint, the training result it recorded.
+    """
     from safetensors.torch import load_file
 
     local = Path(cfg.work_dir) / "resume"
@@ -238,16 +257,18 @@ def load_checkpoint(
         if missing:
             raise ValueError(f"checkpoint {uri} does not match the model: unknown tensors {sorted(missing)[:3]}")
         model.load_state_dict(weights, strict=False)
-    saved = torch.load(local / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    random.setstate(saved["rng"]["python"])
-    torch.set_rng_state(saved["rng"]["torch"])
-    if saved["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-    state = _State(**json.loads((local / "position.json").read_text()))
+    position = json.loads((local / "position.json").read_text())
+    final = position.pop("final", None)
+    if final is None:
+        saved = torch.load(local / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        random.setstate(saved["rng"]["python"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        if saved["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
     shutil.rmtree(local, ignore_errors=True)
-    return state
+    return _State(**position), final
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -321,13 +342,18 @@ def train(
     found = newest_checkpoint(cfg, settings)
     if found is not None:
         uri, step = found
-        state = load_checkpoint(uri, model, optimizer, scheduler, cfg, settings)
+        state, final = load_checkpoint(uri, model, optimizer, scheduler, cfg, settings)
         resumed_from = state.step
         progress.update(resumed_from_step=step, checkpoint_step=step, checkpoint_uri=uri)
+        if final is not None:
+            return _trained_already(model, final, state, total_steps, progress)
         progress.stage("train", f"resumed from checkpoint at step {step}")
     else:
         progress.stage("train", f"{total_steps} steps, {per_rank} micro-batches per epoch per rank")
 
+    uploader = (
+        outage.CheckpointUploader(lambda local, _: upload_checkpoint(local, cfg, settings)) if world.main else None
+    )
     net = model
     if world.size > 1:
         device_ids = [world.local_rank] if runtime.device.type == "cuda" else None
@@ -388,18 +414,17 @@ def train(
                 tokens_per_second=round(tps, 1),
                 eta_seconds=None if eta is None else round(eta, 1),
             )
-            if world.main and state.step % tc.checkpoint_every_steps == 0 and state.step < total_steps:
-                uri = save_checkpoint(model, optimizer, scheduler, state, cfg, settings)
-                progress.update(
-                    message=f"checkpoint at step {state.step}", checkpoint_step=state.step, checkpoint_uri=uri
-                )
+            if uploader is not None:
+                if state.step % tc.checkpoint_every_steps == 0 and state.step < total_steps:
+                    uploader.submit(write_checkpoint(model, optimizer, scheduler, state, cfg), state.step)
+                _report_checkpoints(uploader, progress)
         if state.batch_in_epoch >= per_rank:
             state.epoch += 1
             state.batch_in_epoch = 0
 
     elapsed = time.monotonic() - started
     model.eval()
-    return TrainResult(
+    result = TrainResult(
         steps=state.step,
         epochs=round(state.epoch + state.batch_in_epoch / per_rank, 3),
         final_loss=last_loss,
@@ -408,3 +433,63 @@ def train(
         train_seconds=elapsed,
         resumed_from_step=resumed_from,
     )
+    if uploader is not None:
+        _save_final(model, optimizer, scheduler, state, cfg, result, uploader, progress)
+    return result
+
+
+def _report_checkpoints(uploader: outage.CheckpointUploader, progress: ProgressReporter) -> None:
+    """Mirror the uploader into progress: the newest uploaded checkpoint, or the outage it waits out."""
+    done = uploader.uploaded
+    if done is not None and done.step != progress.state.checkpoint_step:
+        progress.state.message = f"checkpoint at step {done.step}"
+        progress.state.checkpoint_step, progress.state.checkpoint_uri = done.step, done.uri
+        progress.flush()  # the store answers: say so now, not at the next periodic write
+    since, waiting = uploader.failing_since, uploader.waiting
+    if since is not None and waiting is not None:
+        progress.state.message = (
+            f"storage unavailable for {time.monotonic() - since:.0f} s; "
+            f"checkpoint step {waiting} waits on local disk, training goes on"
+        )
+
+
+def _save_final(
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: _State,
+    cfg: TrainerConfig,
+    result: TrainResult,
+    uploader: outage.CheckpointUploader,
+    progress: ProgressReporter,
+) -> None:
+    """Upload the trained weights and the result as the final checkpoint; wait out an outage (bounded).
+
+    Nothing is published before this checkpoint is in the store, so a rerun
+    either finds it (and publishes the same bytes) or trains the same steps again.
+    """
+    final = {"result": asdict(result), "history": progress.state.history}
+    uploader.submit(write_checkpoint(model, optimizer, scheduler, state, cfg, final=final), state.step)
+    progress.stage("train", f"uploading the final checkpoint (step {state.step})")
+    budget = cfg.storage.outage_wait_seconds
+    if not uploader.drain(budget):
+        done = uploader.uploaded
+        resume = f"step {done.step}" if done is not None else "the newest checkpoint before this attempt"
+        raise outage.OutageTooLong(
+            f"the final checkpoint (step {state.step}) could not be uploaded: the store did not answer for "
+            f"{budget:.0f} s (storage.outageWaitSeconds): {uploader.last_failure}; "
+            f"the next attempt resumes from {resume}"
+        )
+    uploader.close()
+    _report_checkpoints(uploader, progress)
+
+
+def _trained_already(
+    model: Any, final: dict[str, Any], state: _State, total_steps: int, progress: ProgressReporter
+) -> TrainResult:
+    """The result of a run whose final checkpoint was loaded: its weights are the trained ones, nothing to redo."""
+    model.eval()
+    progress.state.history = list(final.get("history") or [])
+    progress.update(total_steps=total_steps, step=state.step)
+    progress.stage("train", f"trained already: loaded the final checkpoint (step {state.step})")
+    return TrainResult(**{**final["result"], "resumed_from_step": state.step})
