@@ -442,6 +442,7 @@ GOOD = [
         ("missing-dataset", "DataNotFound", "dataset.train"),
         ("hub-dataset", "ConfigInvalid", "dataset.train: hf://acme/tickets"),
         ("parent-segments", "ConfigInvalid", "dataset.validation: file:///"),
+        ("one-line-fifty-times", "DataInvalid", "dataset.curation.minTrainExamples (16)"),
     ],
 )
 def test_bad_input_fails_fast_naming_the_problem(
@@ -473,6 +474,9 @@ def test_bad_input_fails_fast_naming_the_problem(
         train_uri = "hf://acme/tickets"
     elif case == "parent-segments":
         overrides["dataset"] = {"validation": f"file://{SUPPORT_DATA}/../support/val.jsonl"}
+    elif case == "one-line-fifty-times":
+        train_uri = _write(tmp_path / "train.jsonl", [GOOD[0]] * 50)
+        overrides["dataset"] = {"eval": f"file://{SUPPORT_DATA}/heldout.jsonl"}
     dataset = {"train": train_uri, **overrides.pop("dataset", {})}
     cfg = make_config(tmp_path, tiny_model, dataset=dataset, **overrides)
     started = time.monotonic()
@@ -482,6 +486,37 @@ def test_bad_input_fails_fast_naming_the_problem(
     assert needle in summary["message"], summary["message"]
     assert not local(storage.join(cfg.output_uri, "checkpoints")).exists(), "it trained on bad input"
     assert time.monotonic() - started < 60
+
+
+def test_curation_minimum_names_every_drop_reason(tiny_model: Path, tmp_path: Path) -> None:
+    """50 copies of one line used to train "successfully" on one example."""
+    lines = [GOOD[0]] * 50 + ["not json"] + [json.dumps({"prompt": "p", "response": "..."})]
+    cfg = make_config(tmp_path, tiny_model, dataset={"train": _write(tmp_path / "train.jsonl", lines)})
+    code, summary, output = run_cli(cfg, tmp_path)
+    assert code == ExitCode.BAD_INPUT, output
+    assert summary["reason"] == "DataInvalid"
+    message = summary["message"]
+    assert message.startswith("dataset.train: 1 training example left after curation of its 52 records"), message
+    assert "fewer than dataset.curation.minTrainExamples (16); dropped: invalid 1, empty 1, duplicate 49 (" in message
+    report = json.loads(local(storage.join(cfg.output_uri, "data", "report.json")).read_text())
+    assert report["dropped"]["duplicate"] == 49, "the report that names the dropped lines was not written"
+
+    lowered = make_config(
+        tmp_path,
+        tiny_model,
+        dataset={
+            "train": cfg.dataset.train,
+            "validation": f"file://{SUPPORT_DATA}/val.jsonl",
+            "eval": f"file://{SUPPORT_DATA}/heldout.jsonl",
+            "curation": {"min_train_examples": 1},
+        },
+        training={"max_steps": 1},
+        evaluation={"max_new_tokens": 2, "max_examples": 1},
+        output_uri=f"file://{tmp_path}/out/lowered/",
+    )
+    code, summary, output = run_cli(lowered, tmp_path, "lowered.json")
+    assert code in (ExitCode.OK, ExitCode.GATES_FAILED), output
+    assert summary["data"]["train"] == 1
 
 
 @pytest.mark.parametrize(

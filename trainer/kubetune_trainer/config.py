@@ -68,6 +68,9 @@ class CurationConfig(_Config):
     min_tokens: int = Field(default=2, ge=1, description="Drop shorter examples.")
     max_tokens: int | None = Field(default=None, ge=1, description="Drop longer examples; None: max_seq_length.")
     remove_eval_leakage: bool = Field(default=True, description="Drop train examples found in eval.")
+    min_train_examples: int = Field(
+        default=16, ge=1, description="Fail DataInvalid when fewer training examples are left after curation."
+    )
 
 
 class DatasetConfig(_Config):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kubetune_trainer import outage, storage
-from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.config import DatasetConfig, TrainerConfig
 from kubetune_trainer.contract import (
     EvaluationSummary,
     ExitCode,
@@ -100,6 +100,7 @@ def prepare(
     report = data.build_report(loaded, curated, count_tokens)
     if write_report:
         storage.write_json(storage.join(cfg.output_uri, "data", "report.json"), report, settings)
+    check_enough(report, cfg.dataset)
     summary = {
         "train": len(curated.train),
         "validation": len(curated.validation),
@@ -110,6 +111,30 @@ def prepare(
     }
     log.info("data: %s", summary)
     return curated, {"summary": summary, "report": report}
+
+
+def check_enough(report: dict[str, Any], dataset: DatasetConfig) -> None:
+    """Refuse data that curation left too small to learn from, naming what was dropped and why."""
+    from kubetune_trainer import data
+
+    minimum = dataset.curation.min_train_examples
+    splits = report["splits"]
+    left = splits["train"]["examples"]
+    if left >= minimum:
+        return
+    # eval_duplicate is about the eval file; everything else made train smaller.
+    reasons = {k: v for k, v in report["dropped"].items() if v and k != "eval_duplicate"}
+    dropped = ", ".join(f"{reason} {count}" for reason, count in reasons.items()) or "nothing"
+    held = [
+        f"{split} {splits[split]['examples']}" for split in ("validation", "eval") if getattr(dataset, split) is None
+    ]
+    raise data.DataError(
+        f"dataset.train: {left} training example{'' if left == 1 else 's'} left after curation of its "
+        f"{report['files']['train']['records']} records, fewer than dataset.curation.minTrainExamples ({minimum}); "
+        f"dropped: {dropped}"
+        + (f"; held out for {', '.join(held)}" if held else "")
+        + " (data/report.json lists the dropped lines)"
+    )
 
 
 def _encode_all(tokenizer: Any, examples: Sequence[Any], max_len: int) -> list[Any]:

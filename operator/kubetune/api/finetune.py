@@ -111,6 +111,15 @@ class Curation(KubeModel):
         default=True,
         description="Drop training examples that also appear (exactly or nearly) in the eval set.",
     )
+    min_train_examples: Annotated[int, SchemaHints(schema_default=True)] = Field(
+        default=16,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "The run fails DataInvalid before training, naming the drop reasons, when fewer training "
+            "examples than this are left after curation and the validation/eval split."
+        ),
+    )
 
     @model_validator(mode="after")
     def _min_not_above_max(self) -> Curation:

@@ -85,6 +85,7 @@ def _dataset(spec: ResolvedFineTuneSpec) -> tc.DatasetConfig:
             min_tokens=c.min_tokens,
             max_tokens=c.max_tokens,
             remove_eval_leakage=c.remove_eval_leakage,
+            min_train_examples=c.min_train_examples,
         ),
     )
 
