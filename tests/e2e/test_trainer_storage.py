@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import yaml
 
 from kubetune_trainer import storage
 from kubetune_trainer.contract import ExitCode
+from tests.cluster.faults import FaultProxy, Rule
 from tests.cluster.s3 import S3Server
 from tests.conftest import ROOT, SUPPORT_DATA, run_trainer
 
@@ -170,6 +173,28 @@ def test_transient_errors_are_retried(s3: S3Server, bucket: str, mode: str) -> N
         proxy.close()
 
 
+@pytest.mark.parametrize("mode", ["503", "reset"])
+def test_transient_errors_are_retried_for_file_transfers(s3: S3Server, bucket: str, tmp_path: Path, mode: str) -> None:
+    """Checkpoints and models go up and down as files (boto3's transfer manager wraps its errors differently)."""
+    src = tmp_path / "checkpoint"
+    src.mkdir()
+    (src / "weights.safetensors").write_bytes(b"w" * 1000)
+    proxy = FlakyProxy(s3.endpoint_url, failures=2, mode=mode)
+    try:
+        flaky = storage.S3Settings(endpoint=proxy.endpoint, region=s3.region, attempts=4)
+        files = storage.upload_dir(src, f"s3://{bucket}/ckpt", flaky)
+        assert proxy.failed == 2
+        proxy.remaining = 2
+        back = storage.fetch_dir(f"s3://{bucket}/ckpt", tmp_path / "back", flaky)
+        assert proxy.failed == 4
+        assert storage.sha256_file(back / "weights.safetensors") == files["weights.safetensors"]
+        proxy.remaining = 1000
+        with pytest.raises(storage.StorageError, match="gave up after 4 attempts"):
+            storage.upload_dir(src, f"s3://{bucket}/ckpt2", flaky)
+    finally:
+        proxy.close()
+
+
 def test_persistent_errors_give_up_with_storage_error(s3: S3Server, bucket: str) -> None:
     proxy = FlakyProxy(s3.endpoint_url, failures=1000)
     try:
@@ -301,3 +326,134 @@ def test_hf_base_model_loads_through_the_hub_protocol(
             storage.fetch_dir("hf://acme/missing", tmp_path / "missing")
     finally:
         hub.close()
+
+
+def test_fetch_refuses_keys_that_lead_out_of_the_destination(s3: S3Server, bucket: str, tmp_path: Path) -> None:
+    """S3 keys are plain strings: a bucket can hold ``model/../../x``, which must not land in ``dest/../../x``."""
+    client = s3.client()
+    client.put_object(Bucket=bucket, Key="model/config.json", Body=b"{}")
+    client.put_object(Bucket=bucket, Key="model/../../escaped.txt", Body=b"owned")
+    assert "model/../../escaped.txt" in storage.resolve(f"s3://{bucket}/", settings(s3)).store.list("model/")
+    dest = tmp_path / "work" / "cache" / "model"
+    with pytest.raises(storage.InvalidURIError, match=r"refusing to fetch '\.\./\.\./escaped\.txt'"):
+        storage.fetch_dir(f"s3://{bucket}/model", dest, settings(s3))
+    assert not (tmp_path / "work" / "escaped.txt").exists()
+
+
+# ----------------------------------------------------------------------------- outages during a run
+
+
+def _run_config(bucket: str, endpoint: str, work: Path, **storage_cfg: Any) -> dict[str, Any]:
+    """A short LoRA run with everything on s3:// through ``endpoint`` (the fault proxy)."""
+    return {
+        "run_id": "r1",
+        "output_uri": f"s3://{bucket}/runs/r1/",
+        "lineage": {"name": "outage"},
+        "base_model": {"uri": f"s3://{bucket}/models/tiny/"},
+        "dataset": {
+            "train": f"s3://{bucket}/datasets/support/train.jsonl",
+            "validation": f"s3://{bucket}/datasets/support/val.jsonl",
+            "eval": f"s3://{bucket}/datasets/support/heldout.jsonl",
+        },
+        "training": {"max_steps": 30, "checkpoint_every_steps": 5, "batch_size": 8, "max_seq_length": 256},
+        "evaluation": {"max_new_tokens": 4, "max_examples": 4, "prompted": {"few_shot": 1}},
+        "storage": {"endpoint": endpoint, **storage_cfg},
+        "progress_interval_seconds": 0.5,
+        "work_dir": str(work),
+    }
+
+
+def _checkpoints(s3: S3Server, bucket: str) -> dict[int, set[str]]:
+    """Step -> file names of every checkpoint in the store, complete or not."""
+    found: dict[int, set[str]] = {}
+    for key in storage.resolve(f"s3://{bucket}/", settings(s3)).store.list("runs/r1/checkpoints/"):
+        step, name = key.removeprefix("runs/r1/checkpoints/step-").split("/", 1)
+        found.setdefault(int(step), set()).add(name)
+    return found
+
+
+def _wait_for(what: str, condition: Callable[[], bool], proc: subprocess.Popen[str], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the trainer exited while waiting for {what}: {proc.communicate()[0]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_storage_outage_mid_training_loses_no_work(s3: S3Server, s3_inputs: str, tmp_path: Path) -> None:
+    """S3 goes away after the first checkpoint and stays away until training is over (and a while longer).
+
+    Training goes on through the outage with its checkpoints kept on local
+    disk; the trainer then waits for the store, uploads the final checkpoint
+    and publishes, within the same pod: the same number of steps, nothing redone.
+    """
+    bucket = s3_inputs
+    work = tmp_path / "w"
+    termination = tmp_path / "termination"
+    with FaultProxy(s3.endpoint_url, host=s3.host) as proxy:
+        cfg = _run_config(bucket, proxy.url, work, attempts=2, outage_wait_seconds=300)
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        command = [sys.executable, "-m", "kubetune_trainer.cli", "run", "--config", str(tmp_path / "config.json")]
+        proc = subprocess.Popen(
+            [*command, "--termination-log", str(termination), "--no-progress-bar"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            _wait_for("the first checkpoint", lambda: "COMPLETE" in _checkpoints(s3, bucket).get(5, set()), proc)
+            down = proxy.add(Rule("reset"))
+            down_at = time.monotonic()
+            final = work / "checkpoints" / "step-00000030" / "position.json"
+            _wait_for("the final checkpoint on local disk", final.exists, proc)
+            time.sleep(5)  # training is done; the trainer now waits for the store
+            assert proc.poll() is None, "the trainer gave up during the outage"
+            proxy.remove(down)
+            outage_seconds = time.monotonic() - down_at
+            output, _ = proc.communicate(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    summary = json.loads(termination.read_text())
+    assert proc.returncode in (ExitCode.OK, ExitCode.GATES_FAILED), output
+    assert down.hits > 0
+    assert summary["training"]["steps"] == 30
+    assert "resumedFromStep" not in summary["training"], "training restarted"
+    assert "kept on local disk: the store did not answer" in output
+    checkpoints = _checkpoints(s3, bucket)
+    assert all("COMPLETE" in files for files in checkpoints.values()), checkpoints
+    assert {5, 30} <= set(checkpoints), checkpoints  # the last one before the outage and the final one
+    assert {"weights.safetensors", "position.json"} <= checkpoints[30]
+    assert not list((work / "checkpoints").glob("step-*")), "uploaded checkpoints stay on local disk"
+    progress = storage.read_json(f"s3://{bucket}/runs/r1/progress.json", settings(s3))
+    assert progress["stage"] == "done"
+    assert progress["step"] == 30
+    measured = {"outage_seconds": round(outage_seconds, 1), "refused": down.hits, "checkpoints": sorted(checkpoints)}
+    print(json.dumps(measured))
+
+
+def test_publish_interrupted_before_the_manifest_converges_on_the_same_adapter(
+    s3: S3Server, s3_inputs: str, tmp_path: Path
+) -> None:
+    """The store refuses manifest.json after the adapter went up: exit 75; the rerun publishes the same bytes."""
+    bucket = s3_inputs
+    store = storage.resolve(f"s3://{bucket}/", settings(s3)).store
+    with FaultProxy(s3.endpoint_url, host=s3.host) as proxy:
+        cfg = _run_config(bucket, proxy.url, tmp_path / "w", attempts=1, outage_wait_seconds=2)
+        with proxy.fault(Rule("refuse", verb="PUT", path=r"/runs/r1/manifest\.json$", status=503)) as refused:
+            code, summary, output = run_trainer(json.dumps(cfg), tmp_path)
+        assert code == ExitCode.STORAGE_UNAVAILABLE, output
+        assert refused.hits >= 2, "the publish was not retried through the outage"
+        assert summary["reason"] == "StorageUnavailable"
+        assert "publishing: the store did not answer" in summary["message"]
+        first = {key: store.stored_sha256(key) or "" for key in store.list("runs/r1/adapter/")}
+        assert first, "the adapter was not uploaded before the manifest"
+        assert store.stored_sha256("runs/r1/manifest.json") is None
+
+        code, summary, output = run_trainer(json.dumps(cfg), tmp_path, "rerun.json")
+    assert code in (ExitCode.OK, ExitCode.GATES_FAILED), output
+    assert "trained already: loaded the final checkpoint" in output
+    assert summary["training"]["resumedFromStep"] == summary["training"]["steps"] == 30
+    files = {key.removeprefix("runs/r1/adapter/"): digest for key, digest in first.items()}
+    assert summary["adapter"]["digest"] == storage.digest_of_files(files)
+    assert {key: store.stored_sha256(key) for key in store.list("runs/r1/adapter/")} == first

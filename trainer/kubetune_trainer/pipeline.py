@@ -7,8 +7,10 @@ its recorded result instead of doing the work again.
 
 Failures are classified so the operator can act on them (see
 ``docs/trainer.md``): bad input exits with ``ExitCode.BAD_INPUT`` and the Job
-fails at once (a retry cannot fix a dataset); storage trouble exits with
-``ExitCode.STORAGE_UNAVAILABLE`` and the Job retries; a fine-tune that misses
+fails at once (a retry cannot fix a dataset); a storage outage is waited out
+(``outage.py``: training goes on, what must reach the store after training
+waits up to ``storage.outage_wait_seconds``), and only then exits
+``ExitCode.STORAGE_UNAVAILABLE`` for the Job to retry; a fine-tune that misses
 its gates is published as unpromotable and exits ``GATES_FAILED``.
 """
 
