@@ -1,6 +1,6 @@
 # kubetune — every set-up step a fresh machine needs is a dependency here.
 #   make demo        a real fine-tune end to end on this machine (no cluster)
-#   make test        lint + unit + e2e against a real kube-apiserver
+#   make test        lint + unit + e2e against a real kube-apiserver and a real node running the built images
 #   make cluster-up  the test cluster (control plane + a real node) for a person (prints KUBECONFIG)
 
 SHELL := /bin/bash
@@ -21,7 +21,7 @@ help:
 	@echo "make lint        ruff, mypy --strict, import-linter"
 	@echo "make crds        regenerate crds/ from kubetune.api"
 	@echo "make cluster-up  start the test cluster with a real node and print the KUBECONFIG to export"
-	@echo "make images      build the operator, trainer and pause images with podman; print their archives"
+	@echo "make images      build the operator and trainer images with podman; print their archives"
 
 # uv installs the dependencies (torch alone is several GB): with its cache warm a fresh venv takes
 # seconds instead of minutes. It comes from PyPI into the venv itself; pip stays for everything else.
@@ -46,10 +46,11 @@ binaries:
 node-packages:
 	@bash tests/cluster/install-node-packages.sh
 
-# The operator and trainer images (from the Dockerfile) and the node's pause image,
-# built with podman on a base made from Debian packages (no registry is reachable
-# here), saved as archives for `ctr images import`. Prints `<name> <ref> <archive>`
-# per image; seconds when nothing changed. `images-check` runs them under the
+# The operator and trainer images (from the Dockerfile), built with podman on a base
+# made from Debian packages (no registry is reachable here), saved as archives for
+# `ctr images import` (the e2e session imports them into its node; the node's own
+# small images, pause included, are written by tests/cluster/node/images.py). Prints
+# `<name> <ref> <archive>` per image; seconds when nothing changed. `images-check` runs them under the
 # chart's restricted securityContext (uid 65532, read-only root, no capabilities).
 images:
 	@bash tests/cluster/images.sh
@@ -75,8 +76,10 @@ lint: venv
 test-unit: venv
 	$(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)
 
-test-e2e: venv binaries node-packages
-	$(BIN)/python -m pytest tests/e2e -q $(PYTEST_ARGS)
+# KUBETUNE_TEST_NODE=fake: the fast lane (the fake kubelet runs pods' commands on this
+# machine; tests that need the real node's pods are skipped). See docs/testing.md.
+test-e2e: venv binaries node-packages images
+	$(BIN)/python -m pytest tests/e2e -q --durations=20 $(PYTEST_ARGS)
 
 test: lint test-unit test-e2e
 

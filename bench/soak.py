@@ -50,7 +50,7 @@ from bench.scale.common import log  # noqa: E402
 from kubetune_trainer import storage  # noqa: E402
 from tests.cluster import Cluster  # noqa: E402
 from tests.cluster.faults import FaultProxy, Rule, cluster_kubeconfig  # noqa: E402
-from tests.e2e.helpers import ACCESS_KEY, SECRET_KEY, Operator, apply, example, status  # noqa: E402
+from tests.e2e.helpers import ACCESS_KEY, SECRET_KEY, HostOperator, apply, example, status  # noqa: E402
 
 SUPPORT = ROOT / "docs" / "examples" / "data" / "support"
 NAMESPACE = "soak"
@@ -84,7 +84,7 @@ def schedule(rng: random.Random, args: argparse.Namespace) -> list[tuple[float, 
 class Faults(threading.Thread):
     """Carries out the schedule while the FineTunes run."""
 
-    def __init__(self, events: list[tuple[float, str]], operator: Operator, s3: FaultProxy, outage: float) -> None:
+    def __init__(self, events: list[tuple[float, str]], operator: HostOperator, s3: FaultProxy, outage: float) -> None:
         super().__init__(name="faults", daemon=True)
         self.events, self.operator, self.s3, self.outage = events, operator, s3, outage
         self.done: list[dict[str, Any]] = []
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             refused = api.add(Rule("refuse", verb="PATCH", path=r"/finetunes/[^/]+/status$", status=500,
                                    probability=args.refuse_status, seed=args.seed))  # fmt: skip
             kubeconfig = cluster_kubeconfig(workdir / "operator-kubeconfig", api.url, cluster.token)
-            operator = Operator(cluster, workdir / "operator", env={
+            operator = HostOperator(cluster, workdir / "operator", env={
                 "KUBECONFIG": str(kubeconfig), "KUBETUNE_DEFAULT_STORAGE_ENDPOINT": s3.url})  # fmt: skip
             (workdir / "operator").mkdir(exist_ok=True)
             operator.start()

@@ -26,12 +26,14 @@ from tests.cluster.s3 import S3Server
 
 E2E_DIR = Path(__file__).parent / "e2e"
 
-# The node behind the session's ``cluster``: "fake" (the home-made kubelet, pods as local
-# processes) until the suite moves to the real node; "real" runs it on kubelet + containerd.
-TEST_NODE: NodeKind = "real" if os.environ.get("KUBETUNE_TEST_NODE", "fake") == "real" else "fake"
+# The node behind the session's ``cluster``: "real" (kubelet + containerd running the images
+# `make images` builds), or "fake" (tests/cluster/kubelet.py runs pods' commands as local
+# processes): a fast lane for changes that need no pod, which no must-show test depends on.
+TEST_NODE: NodeKind = "fake" if os.environ.get("KUBETUNE_TEST_NODE", "real") == "fake" else "real"
 
 
 ROOT = Path(__file__).resolve().parents[1]
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
 SUPPORT_DATA = ROOT / "docs" / "examples" / "data" / "support"
 
 
@@ -63,12 +65,20 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Here rather than in pyproject.toml: that file is part of the images' build key.
+    config.addinivalue_line("markers", "real_node: needs the real node's pods (skipped in the fake-kubelet lane)")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (runs on the device machine)")
+    fake = pytest.mark.skip(reason="needs the real node (the fast lane KUBETUNE_TEST_NODE=fake runs no images)")
     has_gpu = None
     for item in items:
         if item.path.is_relative_to(E2E_DIR):
             item.add_marker(pytest.mark.e2e)
+        if TEST_NODE == "fake" and item.get_closest_marker("real_node") is not None:
+            item.add_marker(fake)
         if item.get_closest_marker("gpu") is not None:
             has_gpu = _cuda_available() if has_gpu is None else has_gpu
             if not has_gpu:
@@ -90,12 +100,32 @@ def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pytest.TestR
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """etcd + kube-apiserver + kube-controller-manager + a node (``KUBETUNE_TEST_NODE``) + S3."""
-    started = Cluster.start(tmp_path_factory.mktemp("cluster"), node=TEST_NODE)
+    """etcd + kube-apiserver + kube-controller-manager + a node (``KUBETUNE_TEST_NODE``) + S3.
+
+    A real node gets the operator and trainer images (built by ``make images``; built here
+    if missing) imported into its containerd, unless its kept image store has them already.
+    """
+    archives = []
+    if TEST_NODE == "real":
+        from tests.cluster import images
+
+        archives = [built.archive for built in images.build().values()]
+    started = Cluster.start(tmp_path_factory.mktemp("cluster"), node=TEST_NODE, images=archives)
+    IMPORTED.update(started.imported)
     try:
         yield started
     finally:
         started.stop()
+
+
+IMPORTED: dict[str, float] = {}
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """How long the session's image imports took (0 s: the node's kept store had them)."""
+    if IMPORTED:
+        took = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in IMPORTED.items())
+        terminalreporter.write_line(f"test node image imports: {took}")
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +146,15 @@ def real_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         started.stop()
 
 
+@pytest.fixture(scope="module")
+def kueue_system(real_cluster: Cluster) -> None:
+    """Kueue installed on the real node. It stays (its webhooks only act on queued Jobs): a second
+    install, by another module on the same cluster, finds everything in place within seconds."""
+    from tests.cluster import kueue
+
+    kueue.install(real_cluster)
+
+
 @pytest.fixture(scope="session")
 def s3(cluster: Cluster) -> S3Server:
     """The loopback S3 server (moto in server mode) that the cluster fixture runs."""
@@ -134,13 +173,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh namespace named after the test, whose default ServiceAccount exists (pods need it)."""
+    """A fresh namespace named after the test, whose default ServiceAccount exists (pods need it).
+
+    It enforces the restricted Pod Security profile, as a hardened cluster's tenant namespaces do.
+    """
     cluster.ensure_running()
     slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")
     name = f"{slug[:50].rstrip('-')}-{secrets.token_hex(3)}"
     with cluster.api_client() as api:
         core = k8s.CoreV1Api(api)
-        core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
+        core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name, labels=RESTRICTED)))
         deadline = time.monotonic() + 30
         while not core.list_namespaced_service_account(name, field_selector="metadata.name=default").items:
             if time.monotonic() > deadline:

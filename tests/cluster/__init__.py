@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -61,6 +61,8 @@ class Cluster:
     kubelet: Service | None
     s3: S3Server
     node: RealNode | None = None
+    # Seconds each image archive given to ``start`` took to import, by file name (0: already there).
+    imported: dict[str, float] = field(default_factory=dict)
 
     @property
     def kubeconfig(self) -> Path:
@@ -82,20 +84,19 @@ class Cluster:
         timeout: float = 120.0,
         node: NodeKind = "fake",
         images: Sequence[Path] = (),
-        sandbox: tuple[str, Path] | None = None,
     ) -> Cluster:
         """Start everything in ``workdir``; return once a pod would run.
 
-        ``images``: archives (``podman save``, OCI) to import into a real node's containerd.
-        ``sandbox``: (reference, archive) of the pause image to pin; the node's own by default.
+        ``images``: archives (``podman save``, OCI) to import into a real node's containerd
+        (skipped when its kept image store already holds them; see ``node.ImageStore``).
         """
         began = time.monotonic()
         workdir = workdir.resolve()
         workdir.mkdir(parents=True, exist_ok=True)
         bin_dir = find_binaries()
         if node == "real":
-            return cls._start_real(workdir, bin_dir, images, sandbox, deadline=began + timeout)
-        if images or sandbox:
+            return cls._start_real(workdir, bin_dir, images, deadline=began + timeout)
+        if images:
             raise ValueError("the fake kubelet runs no images; start a real node to import them")
         logs = workdir / "logs"
         s3 = S3Server.start(logs)
@@ -130,12 +131,10 @@ class Cluster:
         return cluster
 
     @classmethod
-    def _start_real(
-        cls, workdir: Path, bin_dir: Path, images: Sequence[Path], sandbox: tuple[str, Path] | None, deadline: float
-    ) -> Cluster:
+    def _start_real(cls, workdir: Path, bin_dir: Path, images: Sequence[Path], deadline: float) -> Cluster:
         """containerd starts while the control plane does; the kubelet once the API server answers."""
         logs = workdir / "logs"
-        real = RealNode.prepare(workdir, bin_dir, sandbox=sandbox)
+        real = RealNode.prepare(workdir, bin_dir)
         started: list[Service] = []
         try:
             address = real.network.host_ip
@@ -145,9 +144,9 @@ class Cluster:
             plane = ControlPlane.start(workdir, bin_dir, address=address, real_node=True)
             started.extend(plane.services)
             real.wait_runtime()
-            real.import_images(images)
+            imported = real.import_images(images)
             real.start_kubelet(plane.kubeconfig)
-            cluster = cls(workdir, bin_dir, plane, None, s3, real)
+            cluster = cls(workdir, bin_dir, plane, None, s3, real, imported)
             plane.wait_ready()
             s3.wait_ready()
             cluster._wait_real_node(max(30.0, deadline - time.monotonic()))

@@ -56,6 +56,8 @@ REAL_NODE_CONTROLLERS = (
     "endpoints-controller",
     "endpointslice-controller",
     "node-lifecycle-controller",
+    # PersistentVolumeClaims bind to PersistentVolumes (pvc:// URIs mount claims).
+    "persistentvolume-binder-controller",
 )
 
 # With a real node: an owner reference may only block its owner's deletion when
@@ -63,6 +65,17 @@ REAL_NODE_CONTROLLERS = (
 # namespaces labelled pod-security.kubernetes.io/enforce=restricted get the
 # restricted profile (PodSecurity is on by default; named to be explicit).
 REAL_NODE_ADMISSION = ("PodSecurity", "OwnerReferencesPermissionEnforcement")
+
+
+# What in-cluster workloads (service accounts' tokens) ask of the API server, one JSON line per
+# request in ``logs/audit.log``: the tests read the operator pod's requests from it (which
+# rules of the chart's RBAC it used, whether any was refused). Nothing else is recorded.
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [{"level": "Metadata", "userGroups": ["system:serviceaccounts"]}, {"level": "None"}],
+}
 
 
 def find_binaries() -> Path:
@@ -156,6 +169,8 @@ class ControlPlane:
         token = secrets.token_hex(16)
         (pki / "tokens.csv").write_text(f'{token},admin,admin,"system:masters"\n')
         sa_key, sa_pub = _write_service_account_keys(pki)
+        audit_policy = pki / "audit-policy.yaml"
+        audit_policy.write_text(yaml.safe_dump(AUDIT_POLICY))
 
         services: list[Service] = []
         try:
@@ -213,6 +228,9 @@ class ControlPlane:
                     f"--service-account-issuer={server}/",
                     f"--service-account-key-file={sa_pub}",
                     f"--service-account-signing-key-file={sa_key}",
+                    f"--audit-policy-file={audit_policy}",
+                    f"--audit-log-path={logs / 'audit.log'}",
+                    "--audit-log-format=json",
                     *node_flags,
                 ],
                 logs,
@@ -293,6 +311,11 @@ class ControlPlane:
                     what=f"{name} /healthz",
                     services=self.services,
                 )
+
+    @property
+    def audit_log(self) -> Path:
+        """The requests of service accounts (``AUDIT_POLICY``), one JSON audit event per line."""
+        return self.workdir / "logs" / "audit.log"
 
     def ensure_running(self) -> None:
         for service in self.services:

@@ -5,7 +5,7 @@ them (``make images`` runs it); this module is how tests get at them::
 
     from tests.cluster import images
 
-    built = images.build()  # operator, trainer, pause; seconds when nothing changed
+    built = images.build()  # operator and trainer; seconds when nothing changed
     built["trainer"].ref  # "localhost/kubetune-trainer:dev"
     built["trainer"].archive  # a docker-archive tar: `ctr -n k8s.io images import <archive>`
     images.refs()["operator"]  # the name alone, without building
@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SCRIPT = Path(__file__).with_name("images.sh")
-NAMES = ("operator", "trainer", "pause")
+NAMES = ("operator", "trainer")
 
 
 @dataclass(frozen=True)
 class BuiltImage:
-    name: str  # operator, trainer or pause
+    name: str  # operator or trainer
     ref: str  # the image reference inside the archive, e.g. localhost/kubetune-operator:dev
     archive: Path  # docker-archive tar for `podman load` or `ctr images import`
 

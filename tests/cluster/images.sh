@@ -3,10 +3,13 @@
 # container registry is reachable, and save them as archives that containerd
 # imports (`ctr -n k8s.io images import <archive>`).
 #
-#   tests/cluster/images.sh [operator] [trainer] [pause]   build (default: all three)
-#   tests/cluster/images.sh check                            restricted-run smoke checks
-#   tests/cluster/images.sh refs                             the image names, building nothing
-#   tests/cluster/images.sh podman ARGS...                   podman with the project's config
+#   tests/cluster/images.sh [operator] [trainer]   build (default: both)
+#   tests/cluster/images.sh check                    restricted-run smoke checks
+#   tests/cluster/images.sh refs                     the image names, building nothing
+#   tests/cluster/images.sh podman ARGS...           podman with the project's config
+#
+# (The node's pod sandbox image, pause, is not built here: tests/cluster/node/images.py
+# writes it, with the node's other small images, as an OCI archive in milliseconds.)
 #
 # Prints one line per image on stdout: `<name> <image ref> <archive path>`;
 # progress goes to stderr. Idempotent and quick when nothing changed: each
@@ -37,7 +40,6 @@ PODMAN_DIR="$ROOT/podman"
 # The image names, here only: tests/cluster/images.py asks `images.sh refs`.
 OPERATOR_REF="localhost/kubetune-operator:dev"
 TRAINER_REF="localhost/kubetune-trainer:dev"
-PAUSE_REF="localhost/kubetune-pause:dev"
 BASE_REPO="localhost/kubetune-base"
 DEBIAN_SUITE="bookworm"
 DEBIAN_MIRROR="${KUBETUNE_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
@@ -180,22 +182,6 @@ save_archive() {
   echo "$name $ref $archive"
 }
 
-# ---------------------------------------------------------------- pause image
-build_pause() {
-  local key archive work
-  key=$({ cat "$REPO/tests/cluster/pause.c"; declare -f build_pause save_archive; } | hash_stdin)
-  archive="$ARCHIVES/pause-$key.tar"
-  if [[ -f $archive ]]; then echo "pause $PAUSE_REF $archive"; return 0; fi
-  work=$(mktemp -d "$ROOT/tmp/pause.XXXXXX")
-  gcc -static -O2 -Wall -Wextra -Werror -s -o "$work/pause" "$REPO/tests/cluster/pause.c"
-  # USER 65535 as upstream's pause image: pods with runAsNonRoot can use it as is.
-  printf 'FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT ["/pause"]\n' > "$work/Containerfile"
-  podman build --pull=never --network=none -t "$PAUSE_REF" -f "$work/Containerfile" "$work" >"$ROOT/tmp/build-pause.log" 2>&1 \
-    || { cat "$ROOT/tmp/build-pause.log" >&2; die "building $PAUSE_REF failed"; }
-  rm -rf "$work"
-  save_archive pause "$PAUSE_REF" "$archive"
-}
-
 # ---------------------------------------------------------------- smoke checks
 # The chart's restricted securityContext, as podman flags: uid 65532, read-only
 # root, no capabilities, no-new-privileges, no network. Writable: /tmp only, as
@@ -254,10 +240,10 @@ main() {
     shift
     exec podman "$@"
   fi
-  [[ ${#targets[@]} -gt 0 ]] || targets=(operator trainer pause)
+  [[ ${#targets[@]} -gt 0 ]] || targets=(operator trainer)
   case ${targets[*]} in
     refs)
-      printf 'operator %s\ntrainer %s\npause %s\n' "$OPERATOR_REF" "$TRAINER_REF" "$PAUSE_REF"
+      printf 'operator %s\ntrainer %s\n' "$OPERATOR_REF" "$TRAINER_REF"
       return
       ;;
     check)
@@ -288,8 +274,7 @@ main() {
         [[ -n $key ]] || key=$(sources_key "$base")
         build_target "$t" "$([[ $t == operator ]] && echo "$OPERATOR_REF" || echo "$TRAINER_REF")" "$t" "$base" "$key"
         ;;
-      pause) build_pause ;;
-      *) die "unknown image '$t' (operator, trainer, pause, check, refs, podman ...)" ;;
+      *) die "unknown image '$t' (operator, trainer, check, refs, podman ...)" ;;
     esac
   done
   # Untagged leftovers of earlier builds (after a pyproject.toml change, a

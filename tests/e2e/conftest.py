@@ -4,12 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.cluster import Cluster
 from tests.conftest import SUPPORT_DATA
-from tests.e2e.helpers import ACCESS_KEY, RUNNING, SECRET_KEY, Operator
+from tests.e2e.helpers import (
+    ACCESS_KEY,
+    FAST_SETTINGS,
+    RUNNING,
+    SECRET_KEY,
+    ChartOperator,
+    HostOperator,
+    Operator,
+    WatchedRun,
+    apply,
+    create_tenant,
+    delete_namespace,
+    example,
+    image_refs,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,16 +68,47 @@ def seeded_s3(cluster: Cluster, tiny_model: Path) -> Cluster:
     return cluster
 
 
+def chart_values(cluster: Cluster) -> dict[str, Any]:
+    """The chart's values for the suite: the built trainer image, the test S3 server, short polls."""
+    return {
+        "trainerImage": image_refs()["trainer"],
+        "defaultOutputUri": "s3://adapters/",
+        "storage": {"endpoint": cluster.s3.endpoint_url, "secretName": "s3-credentials"},
+        "extraEnv": [{"name": name, "value": value} for name, value in FAST_SETTINGS.items()],
+    }
+
+
 @pytest.fixture(scope="session")
 def operator(
     cluster: Cluster, crds: None, seeded_s3: Cluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Operator]:
-    op = Operator(cluster, tmp_path_factory.mktemp("operator"))
-    op.start()
+    """The session's operator: installed with the chart on a real node (once), a local process on the fake one."""
+    workdir = tmp_path_factory.mktemp("operator")
+    if cluster.node is None:
+        host = HostOperator(cluster, workdir)
+        host.start()
+        try:
+            yield host
+        finally:
+            host.stop()
+        return
+    chart = ChartOperator(cluster, workdir, image_refs()["operator"], chart_values(cluster))
+    chart.install()
     try:
-        yield op
+        yield chart
     finally:
-        op.stop()
+        chart.uninstall()
+
+
+@pytest.fixture(scope="session")
+def quickstart(cluster: Cluster, operator: Operator) -> Iterator[WatchedRun]:
+    """The docs' support-router FineTune, trained once a session (the suite's longest run) and read by
+    several modules: its status and log (the FineTune controller), the adapter it serves (the
+    AdapterDeployment story, in its namespace), the single-pod run a two-node one must match."""
+    run = WatchedRun(create_tenant(cluster, "quickstart"), "support-router")
+    apply(cluster, run.ns, example(run.name))
+    yield run.start(cluster)
+    delete_namespace(cluster, run.ns)
 
 
 @pytest.fixture

@@ -1,15 +1,19 @@
-"""The test cluster itself: real controllers acting on what the fake kubelet reports.
+"""The test cluster itself: real controllers acting on what the node reports.
 
 Every later end-to-end test trusts this machinery (a Job completes, a failing
 pod fails, a Deployment becomes available, a namespace can be deleted), so each
 behaviour the operator relies on is proven here against the real API server
-and the real Job, ReplicaSet, Deployment and namespace controllers.
+and the real Job, ReplicaSet, Deployment and namespace controllers — with the
+real node's kubelet (pods of the operator image, restricted), and in the fast
+lane (``KUBETUNE_TEST_NODE=fake``) with the fake kubelet, whose fidelity this
+module is the measure of.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import subprocess
 import textwrap
 import urllib.request
 from collections.abc import Iterator
@@ -19,8 +23,9 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from tests.cluster import Cluster
-from tests.e2e.helpers import apply, wait_for
+from kubetune.builders.security import restricted_container, restricted_pod
+from tests.cluster import Cluster, KubectlError
+from tests.e2e.helpers import apply, image_refs, raw, wait_for
 
 T = TypeVar("T")
 Obj = dict[str, Any]
@@ -32,12 +37,6 @@ def api(cluster: Cluster) -> Iterator[k8s.ApiClient]:
         yield client
 
 
-def raw(response: Any) -> Obj:
-    """The JSON of a client call made with ``_preload_content=False``: plain dicts, as kubectl shows them."""
-    result: Obj = json.loads(response.data)
-    return result
-
-
 def pod(name: str, *containers: Obj, restart_policy: str = "Never", **spec: Any) -> Obj:
     return {
         "apiVersion": "v1",
@@ -46,6 +45,7 @@ def pod(name: str, *containers: Obj, restart_policy: str = "Never", **spec: Any)
         "spec": {
             "restartPolicy": restart_policy,
             "terminationGracePeriodSeconds": 5,
+            "securityContext": restricted_pod(65532),
             "containers": list(containers),
             **spec,
         },
@@ -53,8 +53,15 @@ def pod(name: str, *containers: Obj, restart_policy: str = "Never", **spec: Any)
 
 
 def python(name: str, code: str, **fields: Any) -> Obj:
-    """A container that runs a Python snippet (the image is ignored by the fake kubelet)."""
-    return {"name": name, "image": "python:3.11-slim", "command": ["python", "-c", textwrap.dedent(code)], **fields}
+    """A restricted container that runs a Python snippet with the operator image's Python."""
+    return {
+        "name": name,
+        "image": image_refs()["operator"],
+        "imagePullPolicy": "Never",
+        "command": ["python", "-c", textwrap.dedent(code)],
+        "securityContext": restricted_container(),
+        **fields,
+    }
 
 
 def job(name: str, code: str, backoff_limit: int = 6) -> Obj:
@@ -64,7 +71,13 @@ def job(name: str, code: str, backoff_limit: int = 6) -> Obj:
         "metadata": {"name": name},
         "spec": {
             "backoffLimit": backoff_limit,
-            "template": {"spec": {"restartPolicy": "Never", "containers": [python("main", code)]}},
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "securityContext": restricted_pod(65532),
+                    "containers": [python("main", code)],
+                }
+            },
         },
     }
 
@@ -94,7 +107,7 @@ def log_of(cluster: Cluster, namespace: str, name: str) -> str:
     """The pod's log, or "" while the kubelet has not started it."""
     try:
         return cluster.pod_log(namespace, name)
-    except FileNotFoundError:
+    except (FileNotFoundError, KubectlError):
         return ""
 
 
@@ -267,8 +280,7 @@ def test_deployment_with_readiness_probe_becomes_available(
     cluster: Cluster, namespace: str, api: k8s.ApiClient
 ) -> None:
     server = {
-        "name": "web",
-        "image": "python:3.11-slim",
+        **python("web", ""),
         "command": ["python", "-m", "http.server", "8080", "--bind", "$(POD_IP)"],
         "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
         "ports": [{"name": "http", "containerPort": 8080}],
@@ -281,7 +293,10 @@ def test_deployment_with_readiness_probe_becomes_available(
         "spec": {
             "replicas": 2,
             "selector": {"matchLabels": {"app": "web"}},
-            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [server]}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"securityContext": restricted_pod(65532), "containers": [server]},
+            },
         },
     }
     apply(cluster, namespace, deployment)
@@ -332,6 +347,13 @@ def test_namespace_with_running_pod_is_deleted(cluster: Cluster, namespace: str,
     apply(cluster, namespace, pod("sleeper", python("main", code), restart_policy="Always"))
     wait_for("pod sleeper to run", lambda: "serving" in log_of(cluster, namespace, "sleeper"), timeout=60)
     core = k8s.CoreV1Api(api)
+    # A real kubelet removes a deleted pod's log with it: follow the log until the container ends.
+    follow = None
+    if cluster.node is not None:
+        argv = [str(cluster.bin_dir / "kubectl"), f"--kubeconfig={cluster.kubeconfig}", "logs", "-f", "sleeper"]
+        follow = subprocess.Popen([*argv, "-n", namespace], stdout=subprocess.PIPE, text=True)
+        assert follow.stdout is not None
+        assert follow.stdout.readline() == "serving\n"
 
     core.delete_namespace(namespace)
 
@@ -343,7 +365,11 @@ def test_namespace_with_running_pod_is_deleted(cluster: Cluster, namespace: str,
         return False
 
     wait_for(f"namespace {namespace} to disappear", gone, timeout=60)
-    assert cluster.pod_log(namespace, "sleeper").endswith("got SIGTERM\n")
+    if follow is not None:
+        rest, _ = follow.communicate(timeout=30)
+        assert rest == "got SIGTERM\n"
+    else:
+        assert cluster.pod_log(namespace, "sleeper").endswith("got SIGTERM\n")
 
 
 def test_s3_round_trip(cluster: Cluster) -> None:

@@ -24,7 +24,7 @@ from tests.cluster.faults import FaultProxy, Rule, cluster_kubeconfig
 from tests.e2e.helpers import (
     ACCESS_KEY,
     SECRET_KEY,
-    Operator,
+    HostOperator,
     adapter_deployment,
     apply,
     condition,
@@ -32,6 +32,8 @@ from tests.e2e.helpers import (
     get,
     jobs,
     phase_in,
+    quick,
+    running_pod,
     status,
     wait_for,
 )
@@ -60,7 +62,7 @@ def faulty(
     api_proxy: FaultProxy,
     s3_proxy: FaultProxy,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Operator]:
+) -> Iterator[HostOperator]:
     """The operator of this module: the API server and the default store reached through fault proxies."""
     workdir = tmp_path_factory.mktemp("faulty-operator")
     kubeconfig = cluster_kubeconfig(workdir / "kubeconfig", api_proxy.url, cluster.token)
@@ -70,7 +72,7 @@ def faulty(
         "KUBETUNE_ARTIFACT_DELETE_TIMEOUT_SECONDS": "20",
         "KUBETUNE_STALLED_AFTER_SECONDS": "30",
     }
-    op = Operator(cluster, workdir, env=env)
+    op = HostOperator(cluster, workdir, env=env)
     op.start()
     try:
         yield op
@@ -109,9 +111,9 @@ def never_empty(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
 
 
 def test_a_status_write_refused_when_the_job_completes_is_retried(
-    cluster: Cluster, faulty: Operator, api_proxy: FaultProxy, ns: str
+    cluster: Cluster, faulty: HostOperator, api_proxy: FaultProxy, ns: str
 ) -> None:
-    apply(cluster, ns, example("refused", training=SHORT))
+    apply(cluster, ns, quick("refused", training=SHORT))
     wait_for("training", phase_in(cluster, ns, "refused", "Training"))
     # From here until the Job is complete, every status write of this FineTune is refused.
     with api_proxy.fault(Rule("refuse", verb="PATCH", path=f"/namespaces/{ns}/finetunes/refused/status", status=500)):
@@ -131,7 +133,7 @@ def test_a_status_write_refused_when_the_job_completes_is_retried(
 
 
 def test_a_long_name_whose_cut_ends_in_a_dash_gets_valid_children_and_a_status(
-    cluster: Cluster, faulty: Operator, ns: str
+    cluster: Cluster, faulty: HostOperator, ns: str
 ) -> None:
     name = "a" * 62 + "-bcdefgh"  # 71 characters; cut at 63 it would end in '-'
     doc = example(name, training={"epochs": 1}, runPolicy={"suspend": True})
@@ -144,7 +146,7 @@ def test_a_long_name_whose_cut_ends_in_a_dash_gets_valid_children_and_a_status(
     assert all(len(v) <= 63 and v[-1].isalnum() for v in job["metadata"]["labels"].values())
 
 
-def test_a_multi_node_finetune_gets_a_valid_headless_service(cluster: Cluster, faulty: Operator, ns: str) -> None:
+def test_a_multi_node_finetune_gets_a_valid_headless_service(cluster: Cluster, faulty: HostOperator, ns: str) -> None:
     name = "team.a.multi-node-" + "x" * 50
     apply(cluster, ns, example(name, resources={"nodes": 2, "gpus": 0}, runPolicy={"suspend": True}))
     st = wait_for("a status", lambda: (s := status(cluster, ns, name)).get("jobName") and s, timeout=60)
@@ -156,7 +158,7 @@ def test_a_multi_node_finetune_gets_a_valid_headless_service(cluster: Cluster, f
 
 
 def test_an_adapterdeployment_named_like_a_domain_gets_a_valid_service(
-    cluster: Cluster, faulty: Operator, ns: str
+    cluster: Cluster, faulty: HostOperator, ns: str
 ) -> None:
     name = "1st.support-bot"  # dots and a leading digit: a fine object name, not a Service name
     doc = {
@@ -182,9 +184,9 @@ def test_an_adapterdeployment_named_like_a_domain_gets_a_valid_service(
 
 
 def test_a_completed_job_whose_pods_are_gone_succeeds_from_the_manifest(
-    cluster: Cluster, faulty: Operator, ns: str
+    cluster: Cluster, faulty: HostOperator, ns: str
 ) -> None:
-    apply(cluster, ns, example("podless", training=SHORT))
+    apply(cluster, ns, quick("podless", training=SHORT))
     wait_for("training", phase_in(cluster, ns, "podless", "Training"))
     faulty.stop()  # the operator is away while the Job ends ...
     try:
@@ -210,12 +212,12 @@ def test_a_completed_job_whose_pods_are_gone_succeeds_from_the_manifest(
 
 
 def test_a_publish_interrupted_by_the_store_is_finished_with_the_same_adapter(
-    cluster: Cluster, faulty: Operator, s3_proxy: FaultProxy, ns: str
+    cluster: Cluster, faulty: HostOperator, s3_proxy: FaultProxy, ns: str
 ) -> None:
     # The manifest (written last) cannot be stored: the artifact is up, the run is not published.
     refuse = s3_proxy.add(Rule("refuse", verb="PUT", path=r"/manifest\.json$", status=503, times=40))
     try:
-        apply(cluster, ns, example("publish", training=SHORT))
+        apply(cluster, ns, quick("publish", training=SHORT))
         wait_for("the manifest refused", lambda: refuse.hits >= 1, timeout=400)
     finally:
         s3_proxy.remove(refuse)
@@ -230,13 +232,44 @@ def test_a_publish_interrupted_by_the_store_is_finished_with_the_same_adapter(
     assert len([k for k in keys if k.endswith("adapter_model.safetensors")]) == 1
 
 
+# ----------------------------------------------------------------------------- 12: a Secret deleted mid-run
+
+
+@pytest.mark.real_node
+def test_a_secret_deleted_mid_run_shows_stalled_with_the_pods_reason_and_recovers(
+    cluster: Cluster, faulty: HostOperator, ns: str
+) -> None:
+    """The replacement pod of a killed trainer cannot start without its Secret (CreateContainerConfigError):
+    the FineTune says Stalled with that reason, and goes on from its checkpoint once the Secret is back."""
+    apply(cluster, ns, quick("orphaned", training={"epochs": 3, "checkpointEverySteps": 8}))
+    st = wait_for("a checkpoint", lambda: (s := status(cluster, ns, "orphaned")).get("checkpoint") and s, timeout=300)
+    pod = wait_for("the running pod", lambda: running_pod(cluster, ns, st["jobName"]))
+    cluster.kubectl("delete", "secret", "s3-credentials", "-n", ns)
+    cluster.kill_container(ns, pod, "trainer")  # the pod fails; the Job's next pod needs the Secret
+    st = wait_for("Stalled", lambda: (s := never_empty(cluster, ns, "orphaned")) and condition(s, "Stalled")
+                  .get("status") == "True" and s, timeout=180)  # fmt: skip
+    stalled = condition(st, "Stalled")
+    assert stalled["reason"] == "CreateContainerConfigError", stalled
+    assert 'secret "s3-credentials" not found' in stalled["message"], stalled
+    assert st["phase"] == "Training", st  # not failed: it can go on once the Secret is back
+    assert "stalled: pod orphaned-train-" in st["message"], st["message"]
+    cluster.kubectl(
+        "create", "secret", "generic", "s3-credentials", "-n", ns,
+        f"--from-literal=AWS_ACCESS_KEY_ID={ACCESS_KEY}", f"--from-literal=AWS_SECRET_ACCESS_KEY={SECRET_KEY}",
+    )  # fmt: skip
+    st = wait_for("the end", phase_in(cluster, ns, "orphaned", "Succeeded", "Failed"), timeout=400)
+    assert st["phase"] == "Succeeded", st
+    assert st["progress"]["resumedFromStep"] >= 8
+    assert condition(st, "Stalled")["status"] == "False"
+
+
 # ----------------------------------------------------------------------------- 8: artifacts cannot be deleted
 
 
 def test_retention_delete_with_the_secret_gone_lets_the_finetune_go_in_bounded_time(
-    cluster: Cluster, faulty: Operator, ns: str
+    cluster: Cluster, faulty: HostOperator, ns: str
 ) -> None:
-    apply(cluster, ns, example("doomed", training={"epochs": 1}, output={"retention": "Delete"}))
+    apply(cluster, ns, quick("doomed", output={"retention": "Delete"}))
     wait_for("Succeeded", phase_in(cluster, ns, "doomed", "Succeeded", "Failed"), timeout=300)
     uid = uid_of(cluster, ns, "doomed")
     cluster.kubectl("delete", "secret", "s3-credentials", "-n", ns)
@@ -255,13 +288,13 @@ def test_retention_delete_with_the_secret_gone_lets_the_finetune_go_in_bounded_t
 
 
 def test_a_black_holed_store_of_one_finetune_does_not_hold_up_another(
-    cluster: Cluster, faulty: Operator, ns: str
+    cluster: Cluster, faulty: HostOperator, ns: str
 ) -> None:
     with FaultProxy(cluster.s3.endpoint_url, host=cluster.s3.host) as hole:
         hole.add(Rule("blackhole", seconds=3600))
-        stuck = example("stuck", training=SHORT, storage={"endpoint": hole.url})
+        stuck = quick("stuck", training=SHORT, storage={"endpoint": hole.url})
         apply(cluster, ns, stuck)
-        apply(cluster, ns, example("unaffected", training=SHORT))
+        apply(cluster, ns, quick("unaffected", training=SHORT))
         st = wait_for("the other FineTune", phase_in(cluster, ns, "unaffected", "Succeeded", "Failed"), timeout=400)
         assert st["phase"] == "Succeeded", st
         assert (st.get("progress") or {}).get("step"), "its progress was not mirrored"
@@ -279,7 +312,7 @@ def test_a_leader_whose_renewals_hang_stops_before_the_standby_leads(
     lease_args = ["--leader-elect", f"--leader-election-namespace={namespace}", "--leader-election-lease-seconds=6"]
     with FaultProxy(cluster.server, ca=cluster.control_plane.ca_file) as hung:
         kubeconfig = cluster_kubeconfig(tmp_path / "kubeconfig", hung.url, cluster.token)
-        leader = Operator(cluster, tmp_path / "a", args=lease_args, env={"KUBECONFIG": str(kubeconfig)})
+        leader = HostOperator(cluster, tmp_path / "a", args=lease_args, env={"KUBECONFIG": str(kubeconfig)})
         (tmp_path / "a").mkdir()
         leader.start()
         try:
@@ -307,7 +340,7 @@ def adep_status(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
 
 
 def test_a_stable_revision_that_cannot_start_goes_degraded_with_the_reason(
-    cluster: Cluster, faulty: Operator, ns: str
+    cluster: Cluster, faulty: HostOperator, ns: str
 ) -> None:
     missing = {"uri": "s3://adapters/nowhere/adapter/", "digest": "sha256:" + "0" * 64}
     apply(cluster, ns, serving_doc("unservable", missing, deadline=20))
@@ -317,8 +350,8 @@ def test_a_stable_revision_that_cannot_start_goes_degraded_with_the_reason(
     assert "revision 1 is not serving" in st["message"]
 
 
-def test_deleting_a_served_finetune_keeps_the_served_adapter(cluster: Cluster, faulty: Operator, ns: str) -> None:
-    apply(cluster, ns, example("served", training={"epochs": 1}, output={"retention": "Delete"}))
+def test_deleting_a_served_finetune_keeps_the_served_adapter(cluster: Cluster, faulty: HostOperator, ns: str) -> None:
+    apply(cluster, ns, quick("served", output={"retention": "Delete"}))
     st = wait_for("Succeeded", phase_in(cluster, ns, "served", "Succeeded", "Failed"), timeout=300)
     assert st["phase"] == "Succeeded", st
     uid = uid_of(cluster, ns, "served")
@@ -332,10 +365,10 @@ def test_deleting_a_served_finetune_keeps_the_served_adapter(cluster: Cluster, f
 
 
 def test_an_operator_stopped_mid_promotion_recovers_the_promoted_revision(
-    cluster: Cluster, faulty: Operator, api_proxy: FaultProxy, ns: str
+    cluster: Cluster, faulty: HostOperator, api_proxy: FaultProxy, ns: str
 ) -> None:
     for name, seed in (("first", 1), ("second", 2)):
-        apply(cluster, ns, example(name, training={"epochs": 1, "seed": seed}))
+        apply(cluster, ns, quick(name, training={"epochs": 1, "seed": seed}))
     for name in ("first", "second"):
         st = wait_for(f"{name} to finish", phase_in(cluster, ns, name, "Succeeded", "Failed"), timeout=400)
         assert st["phase"] == "Succeeded", st

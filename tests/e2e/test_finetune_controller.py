@@ -1,14 +1,22 @@
-"""The FineTune controller end to end: the operator process, the real API server and Job
-controller, the fake kubelet running the real ``kubetune-trainer``, and the loopback S3 server."""
+"""The FineTune controller end to end: the operator installed with the chart, the real API
+server and Job controller, trainer pods from the trainer image on the real node, and S3.
+
+The quickstart's FineTune (the session's ``quickstart``) is trained once and read by several
+tests: its status, its log. Tests of the machinery rather than the model train ``quick``
+FineTunes (one epoch, a few eval examples).
+"""
 
 from __future__ import annotations
 
 import json
-import time
-import urllib.request
+import os
+import re
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from kubetune_trainer import storage
@@ -18,6 +26,7 @@ from tests.e2e.helpers import (
     ACCESS_KEY,
     SECRET_KEY,
     Operator,
+    WatchedRun,
     apply,
     condition,
     example,
@@ -25,6 +34,7 @@ from tests.e2e.helpers import (
     jobs,
     phase_in,
     pods,
+    quick,
     running_pod,
     s3_settings,
     status,
@@ -34,28 +44,48 @@ from tests.e2e.helpers import (
 # ----------------------------------------------------------------------------- the happy path
 
 
-def test_example_finetune_succeeds_with_progress_adapter_and_evaluation(
-    cluster: Cluster, operator: Operator, tenant: str
-) -> None:
+@pytest.mark.real_node
+def test_a_training_pod_runs_restricted_as_seen_from_inside(cluster: Cluster, operator: Operator, tenant: str) -> None:
+    """The trainer itself (PID 1 of its container) is uid 65532 with no capabilities, on a read-only root."""
     ns = tenant
-    apply(cluster, ns, example("support-router"))
-    wait_for("the Job", lambda: jobs(cluster, ns))
-    # Sample status.progress while the pod runs: it must move.
-    steps_seen: set[int] = set()
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        st = status(cluster, ns, "support-router")
-        if (st.get("progress") or {}).get("step") is not None:
-            steps_seen.add(st["progress"]["step"])
-        if st.get("phase") in ("Succeeded", "Failed"):
-            break
-        time.sleep(0.2)
+    apply(cluster, ns, quick("inside", training={"epochs": 8}))
+    job = wait_for("the Job", lambda: jobs(cluster, ns))[0]["metadata"]["name"]
+    pod = wait_for("the running trainer pod", lambda: running_pod(cluster, ns, job), timeout=300)
+    script = r"""
+        echo "uid=$(id -u) gid=$(id -g)"
+        grep -E '^(Uid|Gid|CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):' /proc/1/status
+        echo "cmdline=$(tr '\0' ' ' < /proc/1/cmdline)"
+        awk '$2 == "/" { print "rootmount=" $4 }' /proc/mounts
+        if touch /probe 2>/dev/null; then echo root=writable; else echo root=read-only; fi
+        if touch /scratch/probe; then echo scratch=writable; fi
+    """
+    out = cluster.kubectl("exec", pod, "-n", ns, "-c", "trainer", "--", "sh", "-c", script).stdout
+    facts = dict(re.findall(r"^(\w+)[:=]\s*(.*?)\s*$", out, flags=re.MULTILINE))
+    assert "kubetune-trainer run --config" in facts["cmdline"], out
+    assert facts["Uid"].split() == ["65532"] * 4, out  # real, effective, saved, filesystem
+    assert facts["Gid"].split() == ["65532"] * 4, out
+    assert facts["uid"] == "65532 gid=65532", out
+    for capabilities in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert facts[capabilities] == "0000000000000000", out
+    assert facts["NoNewPrivs"] == "1", out
+    assert facts["Seccomp"] == "2", out  # a filter: RuntimeDefault
+    assert facts["rootmount"].split(",")[0] == "ro", out
+    assert facts["root"] == "read-only", out
+    assert facts["scratch"] == "writable", out
+    cluster.kubectl("delete", "ft", "inside", "-n", ns, "--wait=false")  # seen enough: no need to train
+
+
+def test_example_finetune_succeeds_with_progress_adapter_and_evaluation(
+    cluster: Cluster, operator: Operator, quickstart: WatchedRun
+) -> None:
+    ns = quickstart.ns
+    st = quickstart.finished(cluster)
     waited = cluster.kubectl(
         "wait", "--for=condition=Succeeded", "ft/support-router", "-n", ns, "--timeout=120s", check=False
     )
-    st = status(cluster, ns, "support-router")
     assert waited.returncode == 0, (st, operator.log()[-3000:])
-    assert len(steps_seen) >= 2, f"progress never moved: {steps_seen}"
+    st = status(cluster, ns, "support-router")
+    assert len(quickstart.steps) >= 2, f"progress never moved: {quickstart.steps}"
 
     assert st["phase"] == "Succeeded"
     assert st["observedGeneration"] == 1
@@ -83,9 +113,25 @@ def test_example_finetune_succeeds_with_progress_adapter_and_evaluation(
     assert printed[1:3] == ["Succeeded", "LoRA"]
     events = cluster.kubectl("get", "events", "-n", ns, "--field-selector", "involvedObject.name=support-router").stdout
     assert "Succeeded" in events
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5).read().decode()
+    metrics = operator.metrics()
     assert "kubetune_job_launches_total" in metrics
     assert 'kubetune_finetunes{phase="Succeeded"}' in metrics
+
+
+@pytest.mark.real_node
+def test_kubectl_logs_of_the_training_pod_tell_the_run(cluster: Cluster, quickstart: WatchedRun) -> None:
+    """The trainer's own account of the run, through the API server and the kubelet (``kubectl logs``)."""
+    st = quickstart.finished(cluster)
+    (pod,) = pods(cluster, quickstart.ns, st["jobName"])
+    log = cluster.pod_log(quickstart.ns, pod["metadata"]["name"], "trainer")
+    stages = re.findall(r"kubetune_trainer\.progress: stage (\w+)", log)
+    assert [s for i, s in enumerate(stages) if s not in stages[:i]] == [
+        "prepare", "train", "evaluate", "publish", "done",
+    ], log[-3000:]  # fmt: skip
+    steps = [int(n) for n in re.findall(r"kubetune_trainer\.train: step (\d+)/\d+ loss", log)]
+    assert len(steps) >= 2, log[-3000:]
+    assert steps == sorted(steps), log[-3000:]
+    assert f"checkpoint s3://adapters/{quickstart.ns}/support-router/" in log
 
 
 def test_malformed_dataset_fails_once_with_the_line(cluster: Cluster, operator: Operator, tenant: str) -> None:
@@ -113,7 +159,7 @@ def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(
     cluster: Cluster, operator: Operator, tenant: str
 ) -> None:
     ns = tenant
-    apply(cluster, ns, example("resume", training={"checkpointEverySteps": 8, "epochs": 6}))
+    apply(cluster, ns, quick("resume", training={"checkpointEverySteps": 8, "epochs": 3}))
     st = wait_for("a checkpoint", lambda: (s := status(cluster, ns, "resume")).get("checkpoint") and s)
     job = st["jobName"]
     pod = wait_for("the running pod", lambda: running_pod(cluster, ns, job))
@@ -132,7 +178,7 @@ def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(
 
 def test_operator_restart_mid_run_converges_with_one_job(cluster: Cluster, operator: Operator, tenant: str) -> None:
     ns = tenant
-    apply(cluster, ns, example("restart"))
+    apply(cluster, ns, quick("restart", training={"epochs": 2}))
     wait_for("training", phase_in(cluster, ns, "restart", "Training", "Evaluating", "Succeeded"))
     operator.restart()
     st = wait_for("the end", phase_in(cluster, ns, "restart", "Succeeded", "Failed"), timeout=300)
@@ -145,7 +191,7 @@ def test_suspend_removes_pods_and_resume_continues_from_the_checkpoint(
     cluster: Cluster, operator: Operator, tenant: str
 ) -> None:
     ns = tenant
-    doc = example("pausable", training={"checkpointEverySteps": 8, "epochs": 8}, runPolicy={"backoffLimit": 2})
+    doc = quick("pausable", training={"checkpointEverySteps": 8, "epochs": 3}, runPolicy={"backoffLimit": 2})
     apply(cluster, ns, doc)
     st = wait_for("a checkpoint", lambda: (s := status(cluster, ns, "pausable")).get("checkpoint") and s)
     job = st["jobName"]
@@ -162,25 +208,6 @@ def test_suspend_removes_pods_and_resume_continues_from_the_checkpoint(
     st = wait_for("the end", phase_in(cluster, ns, "pausable", "Succeeded", "Failed"), timeout=300)
     assert st["phase"] == "Succeeded", st
     assert st["progress"]["resumedFromStep"] >= 8
-
-
-def test_kueue_queue_holds_the_job_until_admitted(cluster: Cluster, operator: Operator, tenant: str) -> None:
-    ns = tenant
-    apply(cluster, ns, example("queued", runPolicy={"queueName": "team-a"}, training={"epochs": 1}))
-    st = wait_for("Queued", phase_in(cluster, ns, "queued", "Queued"))
-    assert condition(st, "Queued")["status"] == "True"
-    (job,) = jobs(cluster, ns)
-    assert job["spec"]["suspend"] is True
-    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
-    time.sleep(2)
-    assert not pods(cluster, ns, job["metadata"]["name"]), "a queued Job started a pod"
-    cluster.kubectl(
-        "patch", "job", job["metadata"]["name"], "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}'
-    )
-    st = wait_for("the end", phase_in(cluster, ns, "queued", "Succeeded", "Failed"), timeout=300)
-    assert condition(st, "Queued")["status"] == "False"
-    assert st["phase"] in ("Succeeded", "Failed")
-    assert condition(st, "Ready")["reason"] in ("Succeeded", "EvalGateFailed")
 
 
 # ----------------------------------------------------------------------------- refusals and recoveries
@@ -246,7 +273,7 @@ def test_failing_gates_end_failed_with_an_unpromotable_adapter(
 
 def test_missing_credentials_secret_waits_and_recovers(cluster: Cluster, operator: Operator, namespace: str) -> None:
     ns = namespace  # no Secret yet
-    apply(cluster, ns, example("needs-creds", training={"epochs": 1}))
+    apply(cluster, ns, quick("needs-creds"))
     st = wait_for(
         "StorageCredentialsMissing",
         lambda: (
@@ -286,7 +313,7 @@ def test_a_running_finetune_carries_no_operator_state_and_deletes_with_the_opera
     cluster: Cluster, operator: Operator, tenant: str
 ) -> None:
     ns = tenant
-    apply(cluster, ns, example("stateless", training={"epochs": 8}))
+    apply(cluster, ns, quick("stateless", training={"epochs": 8}))
     wait_for("the run", phase_in(cluster, ns, "stateless", "Preparing", "Training", "Evaluating"))
     wait_for("a progress report", lambda: status(cluster, ns, "stateless").get("progress"))
     obj = get(cluster, ns, "finetune", "stateless")
@@ -307,8 +334,8 @@ def test_artifacts_are_retained_on_delete_unless_retention_is_delete(
     cluster: Cluster, operator: Operator, tenant: str
 ) -> None:
     ns = tenant
-    apply(cluster, ns, example("retains", training={"epochs": 1}))
-    apply(cluster, ns, example("drops", training={"epochs": 1}, output={"retention": "Delete"}))
+    apply(cluster, ns, quick("retains"))
+    apply(cluster, ns, quick("drops", output={"retention": "Delete"}))
     uids = {}
     for name in ("retains", "drops"):
         st = wait_for("the end", phase_in(cluster, ns, name, "Succeeded", "Failed"), timeout=300)
@@ -331,7 +358,7 @@ def test_a_job_deleted_under_a_running_finetune_is_created_again(
     cluster: Cluster, operator: Operator, tenant: str
 ) -> None:
     ns = tenant
-    apply(cluster, ns, example("rerun", training={"epochs": 1}))
+    apply(cluster, ns, quick("rerun"))
     (job,) = wait_for("the Job", lambda: jobs(cluster, ns))
     cluster.kubectl("delete", "job", job["metadata"]["name"], "-n", ns, "--wait=true", "--timeout=60s")
 
@@ -354,7 +381,7 @@ def test_a_job_deleted_under_a_running_finetune_is_created_again(
 def test_secrets_never_leak(cluster: Cluster, operator: Operator, tenant: str) -> None:
     # Runs after the others in this module: everything they left behind is searched too.
     ns = tenant
-    apply(cluster, ns, example("leakcheck", training={"epochs": 1}))
+    apply(cluster, ns, quick("leakcheck"))
     wait_for("the end", phase_in(cluster, ns, "leakcheck", "Succeeded", "Failed"), timeout=300)
     haystacks = {
         "configmaps": cluster.kubectl("get", "configmaps", "-A", "-o", "yaml").stdout,
@@ -371,8 +398,107 @@ def test_secrets_never_leak(cluster: Cluster, operator: Operator, tenant: str) -
 
 def test_deleting_a_finetune_removes_its_job(cluster: Cluster, operator: Operator, tenant: str) -> None:
     ns = tenant
-    apply(cluster, ns, example("short-lived", training={"epochs": 1}))
+    apply(cluster, ns, quick("short-lived"))
     wait_for("the Job", lambda: jobs(cluster, ns))
     cluster.kubectl("delete", "ft", "short-lived", "-n", ns, "--timeout=60s")
     # The garbage collector removes what the FineTune owned.
     wait_for("no Job", lambda: not jobs(cluster, ns) or None, timeout=60)
+
+
+@pytest.mark.real_node
+def test_an_oom_killed_trainer_fails_at_once_naming_the_memory_to_raise(
+    cluster: Cluster, operator: Operator, tenant: str
+) -> None:
+    """The kernel kills the trainer at its memory limit (cgroup); retrying with the same memory is pointless."""
+    ns = tenant
+    apply(cluster, ns, quick("starved", resources={"memory": "128Mi"}))
+    st = wait_for("the end", phase_in(cluster, ns, "starved", "Failed", "Succeeded"), timeout=300)
+    assert st["phase"] == "Failed", st
+    assert condition(st, "Ready")["reason"] == "OutOfMemory", st
+    assert "(128Mi); raise spec.resources.memory" in st["message"], st["message"]
+    assert st["attempts"] == 1
+    (pod,) = pods(cluster, ns, st["jobName"])
+    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert (terminated["reason"], terminated["exitCode"]) == ("OOMKilled", 137)
+    (job,) = jobs(cluster, ns)
+    assert job["spec"]["suspend"] is True, "the Job kept retrying"
+
+
+# ----------------------------------------------------------------------------- pvc://
+
+
+@pytest.fixture
+def claim(cluster: Cluster, tenant: str, tiny_model: Path) -> Iterator[tuple[str, Path]]:
+    """A PersistentVolumeClaim ``data`` bound to a hostPath volume holding the base model and the data.
+
+    The folder belongs to the trainers' uid (a hostPath volume gets no fsGroup), as a platform
+    team's storage would be set up for the pods that use it.
+    """
+    folder = cluster.workdir / "volumes" / tenant
+    (folder / "models").mkdir(parents=True)
+    (folder / "datasets").mkdir()
+    (folder / "adapters").mkdir()
+    shutil.copytree(tiny_model, folder / "models" / "tiny-llama")
+    for name in ("train.jsonl", "val.jsonl", "heldout.jsonl"):
+        (folder / "datasets" / name).write_bytes((ROOT / "docs/examples/data/support" / name).read_bytes())
+    for path in [folder, *folder.rglob("*")]:
+        os.chown(path, 65532, 65532)
+    volume = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": tenant},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "",
+            "hostPath": {"path": str(folder), "type": "Directory"},
+            "claimRef": {"namespace": tenant, "name": "data"},
+        },
+    }
+    pvc = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "data"},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": "",
+            "volumeName": tenant,
+            "resources": {"requests": {"storage": "1Gi"}},
+        },
+    }
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(volume))
+    apply(cluster, tenant, pvc)
+    wait_for("the claim to be bound", lambda: (get(cluster, tenant, "pvc", "data") or {}).get("status", {})
+             .get("phase") == "Bound" or None, timeout=60)  # fmt: skip
+    yield tenant, folder
+    cluster.kubectl("delete", "pv", tenant, "--wait=false", check=False)
+
+
+@pytest.mark.real_node
+def test_a_finetune_on_a_claim_reads_and_writes_through_the_mounted_volume(
+    cluster: Cluster, operator: Operator, claim: tuple[str, Path]
+) -> None:
+    """Base model, data and output on a pvc://: nothing of the run goes through S3."""
+    ns, folder = claim
+    doc = quick("on-a-claim", training={"epochs": 2, "checkpointEverySteps": 4})
+    doc["spec"]["baseModel"]["uri"] = "pvc://data/models/tiny-llama/"
+    doc["spec"]["dataset"] = {
+        "train": "pvc://data/datasets/train.jsonl",
+        "validation": "pvc://data/datasets/val.jsonl",
+        "eval": "pvc://data/datasets/heldout.jsonl",
+    }
+    doc["spec"]["output"] = {"uri": "pvc://data/adapters/"}
+    apply(cluster, ns, doc)
+    st = wait_for("the end", phase_in(cluster, ns, "on-a-claim", "Succeeded", "Failed"), timeout=400)
+    assert st["phase"] == "Succeeded", st
+    uid = (get(cluster, ns, "finetune", "on-a-claim") or {})["metadata"]["uid"]
+    assert st["adapter"]["uri"] == f"pvc://data/adapters/{ns}/on-a-claim/{uid}/adapter/"
+    written = folder / "adapters" / ns / "on-a-claim" / uid
+    assert (written / "adapter" / "adapter_config.json").is_file()
+    assert storage.digest_of_dir(written / "adapter")[0] == st["adapter"]["digest"]
+    manifest = json.loads((written / "manifest.json").read_text())
+    assert manifest["artifact"]["digest"] == st["adapter"]["digest"]
+    assert list((written / "checkpoints").glob("step-*")), "no checkpoint on the claim"
+    keys = cluster.s3.client().list_objects_v2(Bucket="adapters", Prefix=f"{ns}/").get("Contents", [])
+    assert not keys, "the run wrote to S3"

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.cluster import Cluster
-from tests.e2e.helpers import Operator, apply, example, jobs, status, wait_for
+from tests.e2e.helpers import HostOperator, apply, example, jobs, status, wait_for
 
 LEASE = "kubetune-operator"
 pytestmark = pytest.mark.usefixtures("crds", "seeded_s3", "no_operator")
@@ -35,9 +35,9 @@ def holder(cluster: Cluster, namespace: str) -> str:
     return str((lease(cluster, namespace) or {}).get("holderIdentity") or "")
 
 
-def replica(cluster: Cluster, workdir: Path, name: str, namespace: str) -> Operator:
+def replica(cluster: Cluster, workdir: Path, name: str, namespace: str) -> HostOperator:
     workdir.mkdir()
-    return Operator(
+    return HostOperator(
         cluster,
         workdir,
         args=["--leader-elect", "--leader-election-namespace", namespace, "--leader-election-lease-seconds", "3"],
@@ -45,7 +45,7 @@ def replica(cluster: Cluster, workdir: Path, name: str, namespace: str) -> Opera
     )
 
 
-def healthz(op: Operator) -> dict[str, Any]:
+def healthz(op: HostOperator) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{op.health_port}/healthz", timeout=5) as response:
         body: dict[str, Any] = json.loads(response.read() or b"{}")
         return body

@@ -28,11 +28,11 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 
-from tests.cluster import GPUS, NODE_NAME, Cluster, KubectlError, kueue
+from tests.cluster import GPUS, NODE_NAME, Cluster, KubectlError
 from tests.cluster.node import TOOLS_IMAGE
 from tests.cluster.node.network import API_SERVICE_IP, NodeNetwork
 from tests.conftest import ROOT
-from tests.e2e.test_cluster import raw, wait_for
+from tests.e2e.helpers import raw, wait_for
 
 Obj = dict[str, Any]
 
@@ -92,7 +92,7 @@ def wait_phase(api: k8s.ApiClient, namespace: str, name: str, *phases: str, time
         current = read_pod(api, namespace, name)
         return current if current.get("status", {}).get("phase") in phases else None
 
-    return wait_for(reached, f"pod {namespace}/{name} to be {'/'.join(phases)}", timeout=timeout)
+    return wait_for(f"pod {namespace}/{name} to be {'/'.join(phases)}", reached, timeout=timeout)
 
 
 def finished_log(cluster: Cluster, api: k8s.ApiClient, namespace: str, name: str) -> str:
@@ -119,8 +119,8 @@ def restricted(real_cluster: Cluster, request: pytest.FixtureRequest) -> Iterato
         core = k8s.CoreV1Api(client)
         core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name, labels=labels)))
         wait_for(
-            lambda: core.list_namespaced_service_account(name, field_selector="metadata.name=default").items,
             f"the default ServiceAccount of {name}",
+            lambda: core.list_namespaced_service_account(name, field_selector="metadata.name=default").items,
             timeout=30,
         )
         yield name
@@ -218,7 +218,7 @@ def test_service_cluster_ip_answers_from_another_pod(
             for address in endpoint.addresses
         ] or None
 
-    assert wait_for(ready_endpoint, "a ready endpoint of Service web") == [web["status"]["podIP"]]
+    assert wait_for("a ready endpoint of Service web", ready_endpoint) == [web["status"]["podIP"]]
     cluster_ip = k8s.CoreV1Api(api).read_namespaced_service("web", restricted).spec.cluster_ip
     assert ipaddress.ip_address(cluster_ip) in ipaddress.ip_network("10.0.0.0/24")
     # (busybox's own `wget -T` crashes when built static; `timeout` bounds it instead.)
@@ -268,7 +268,7 @@ def test_container_killed_through_the_cri_is_restarted_by_the_kubelet(
         statuses = read_pod(api, restricted, "victim")["status"].get("containerStatuses", [])
         return statuses[0] if statuses and statuses[0]["restartCount"] >= 1 and statuses[0]["ready"] else None
 
-    status = wait_for(restarted, "the kubelet to restart the killed container")
+    status = wait_for("the kubelet to restart the killed container", restarted)
     terminated = status["lastState"]["terminated"]
     assert terminated["exitCode"] == 137  # 128 + SIGKILL
     assert terminated["reason"] == "Error"
@@ -331,7 +331,7 @@ def test_gpu_requests_are_admitted_and_bound(real_cluster: Cluster, api: k8s.Api
         conditions = read_pod(api, restricted, "greedy").get("status", {}).get("conditions", [])
         return next((c for c in conditions if c["type"] == "PodScheduled" and c["status"] == "False"), None)
 
-    assert "nvidia.com/gpu" in wait_for(unschedulable, "the scheduler to refuse 9 GPUs")["message"]
+    assert "nvidia.com/gpu" in wait_for("the scheduler to refuse 9 GPUs", unschedulable)["message"]
 
 
 def _shims_of(socket: Path) -> set[int]:
@@ -375,7 +375,7 @@ def test_a_node_killed_hard_is_cleaned_by_the_next_one(real_cluster: Cluster, tm
     assert index != real_cluster.node.network.index  # it ran beside the module's node
     left = NodeNetwork(index)
     socket = left.run_dir / "containerd.sock"
-    wait_for(lambda: not _processes_of(str(tmp_path)), "the killed node's kubelet, containerd and control plane to die")
+    wait_for("the killed node's kubelet, containerd and control plane to die", lambda: not _processes_of(str(tmp_path)))
     shims = _shims_of(socket)
     assert shims, "no shim outlived its node: nothing to clean, nothing proven"
     assert left.netns_path.exists()
@@ -417,10 +417,9 @@ def _coredns_pod(api: k8s.ApiClient) -> str:
 
 
 def test_kueue_admits_two_gpu_jobs_one_after_the_other(
-    real_cluster: Cluster, api: k8s.ApiClient, restricted: str
+    real_cluster: Cluster, api: k8s.ApiClient, restricted: str, kueue_system: None
 ) -> None:
     """Kueue itself (built from the Go module proxy) unsuspends queued Jobs within a GPU quota of one."""
-    kueue.install(real_cluster)
     queues = [
         {"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "ResourceFlavor", "metadata": {"name": "default"}},
         {
@@ -474,7 +473,7 @@ def test_kueue_admits_two_gpu_jobs_one_after_the_other(
         return current if current.status.completion_time else None
 
     finished = [
-        wait_for(functools.partial(done, name), f"Kueue to admit Job {name} and it to finish")
+        wait_for(f"Kueue to admit Job {name} and it to finish", functools.partial(done, name))
         for name in ("first", "second")
     ]
     # One GPU of quota: whichever Kueue admitted first (both were created at once), the other

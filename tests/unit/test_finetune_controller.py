@@ -442,6 +442,7 @@ def test_out_of_memory_fails_at_the_first_attempt_and_stops_the_job(
     controller.on_job_event("MODIFIED", obj, set_job(job, failed=1, active=1))
     current = status(kube, obj)
     assert current["phase"] == "Failed"
+    assert current["attempts"] == 1  # the replacement pod the Job had created is not an attempt
     assert condition(current, "Stalled") == ("True", "OutOfMemory")
     assert condition(current, "Trained") == ("False", "OutOfMemory")
     assert "4Gi" in current["message"]

@@ -406,6 +406,9 @@ def train(
                 net.train()
                 progress.record(step=state.step, loss=round(last_loss, 4), eval_loss=round(last_eval, 4))
                 log.info("step %d/%d loss %.4f val %.4f", state.step, total_steps, last_loss, last_eval)
+            elif not world.main and (state.step % eval_every == 0 or state.step == total_steps):
+                # Only rank 0 reports progress.json; every other rank says in its own log how far it is.
+                log.info("rank %d/%d step %d/%d loss %.4f", world.rank, world.size, state.step, total_steps, last_loss)
             progress.update(
                 step=state.step,
                 epoch=round(epoch, 3),

@@ -316,17 +316,26 @@ class FineTuneController:
         self.scheduler.call_later(("retry", uid), delay, partial(self.reconcile_safely, obj, None))
 
     def stop(
-        self, obj: dict[str, Any], reason: str, message: str, *, terminal: bool, condition: str = "Validated"
+        self,
+        obj: dict[str, Any],
+        reason: str,
+        message: str,
+        *,
+        terminal: bool,
+        condition: str = "Validated",
+        attempts: int | None = None,
     ) -> None:
         """Record why the FineTune cannot go on: Failed (``terminal``) or Pending with the reason."""
         generation = obj["metadata"].get("generation")
         now = now_iso()
-        self.update_status(
-            obj,
-            lambda cur: st.failed_status(
+
+        def change(cur: dict[str, Any]) -> dict[str, Any]:
+            new = st.failed_status(
                 cur, reason, message, generation=generation, now=now, terminal=terminal, condition=condition
-            ),
-        )
+            )
+            return new if attempts is None else {**new, "attempts": attempts}
+
+        self.update_status(obj, change)
 
     def plan(self, obj: dict[str, Any]) -> build.Plan | None:
         """The FineTune resolved against its template and the settings; None when it failed for good."""
@@ -600,7 +609,8 @@ class FineTuneController:
             if limit
             else "the trainer was killed for running out of memory; set spec.resources.memory higher"
         ) + " or lower training.batchSize / maxSeqLength, or enable gradientCheckpointing"
-        self.stop(obj, "OutOfMemory", message, terminal=True, condition="Trained")
+        # The attempts are the pods that ran and failed: a replacement the Job created meanwhile never runs.
+        self.stop(obj, "OutOfMemory", message, terminal=True, condition="Trained", attempts=failed)
         self.kube.patch_job(obj["metadata"]["namespace"], job["metadata"]["name"], {"spec": {"suspend": True}})
         self.stop_polling(obj["metadata"]["uid"])
         return True

@@ -17,6 +17,7 @@ its index.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -36,12 +37,69 @@ NAMESPACE = "k8s.io"  # containerd's namespace for the CRI
 PAUSE_IMAGE = "localhost/kubetune/pause:test"
 TOOLS_IMAGE = "localhost/kubetune/busybox:test"
 COREDNS_IMAGE = "localhost/kubetune/coredns:test"
+ARCHIVE_LABEL = "io.kubetune.archive"  # on every image a node imports: the archive's file name
 
 
 def find_node_binaries() -> Path:
     """The folder holding containerd, its shim, ctr, crictl and coredns; builds them on first use."""
     result = subprocess.run(["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, text=True, check=True)
     return Path(result.stdout.strip().splitlines()[-1])
+
+
+def cache_root() -> Path:
+    """``$KUBETUNE_CACHE``, else ``~/.cache/kubetune``: what test runs keep between them."""
+    root = (
+        os.environ.get("KUBETUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kubetune"
+    )
+    return Path(root)
+
+
+class ImageStore:
+    """containerd's root (image metadata, content and unpacked snapshots), kept between test runs.
+
+    Importing the trainer's 6 GB archive into an empty containerd takes minutes; a
+    node that finds the image already in its root skips the import. The root lives in
+    the cache folder and is used by one node at a time (a ``flock``, released when the
+    node stops or its process dies); a node that finds it taken, e.g. a second node
+    beside the suite's, gets an empty root in its working folder, removed at stop.
+
+    Images are imported with a label naming their archive (whose file name carries a
+    hash of its content), so "already imported" is read from containerd itself; a
+    rebuilt image replaces the old one under the same name, and containerd's garbage
+    collector drops the old layers. Layers are unpacked and then discarded from the
+    content store, so an image costs its unpacked size once.
+    """
+
+    def __init__(self, root: Path, lock: int | None) -> None:
+        self.root = root
+        self._lock = lock
+
+    @property
+    def persistent(self) -> bool:
+        return self._lock is not None
+
+    @classmethod
+    def claim(cls, ephemeral: Path) -> ImageStore:
+        """The cache's store when no other node holds it, else an empty one at ``ephemeral``."""
+        if os.environ.get("KUBETUNE_NODE_IMAGE_STORE", "cache") == "cache":
+            folder = cache_root() / "testcluster" / "containerd-store"
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = os.open(folder / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(lock)
+            else:
+                return cls(folder / "root", lock)
+        return cls(ephemeral, None)
+
+    def release(self) -> None:
+        """Give the cache's store back, or delete an ephemeral one (it may hold gigabytes)."""
+        if self._lock is not None:
+            os.close(self._lock)  # releases the flock
+            self._lock = None
+        elif self.root.exists():
+            subprocess.run(["rm", "-rf", "--one-file-system", str(self.root)], check=False)
 
 
 @dataclass
@@ -51,6 +109,7 @@ class NodePaths:
     workdir: Path
     run_dir: Path
     data_dir: Path
+    store: ImageStore | None = None
 
     @property
     def socket(self) -> Path:
@@ -62,6 +121,11 @@ class NodePaths:
 
     @property
     def containerd_root(self) -> Path:
+        return self.store.root if self.store is not None else self.ephemeral_root
+
+    @property
+    def ephemeral_root(self) -> Path:
+        """containerd's root when the cache's image store is taken by another node."""
         return self.workdir / "containerd"
 
     @property
@@ -79,11 +143,7 @@ class NodePaths:
     @property
     def image_cache(self) -> Path:
         """The node's own image archives and the pause binary, kept across runs (keyed by content)."""
-        root = (
-            os.environ.get("KUBETUNE_CACHE")
-            or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kubetune"
-        )
-        return Path(root) / "testcluster" / "images"
+        return cache_root() / "testcluster" / "images"
 
 
 @dataclass
@@ -96,14 +156,7 @@ class RealNode:
     k8s_bin: Path
     logs: Path
     services: list[Service] = field(default_factory=list)
-    # The pod sandbox image, pinned in containerd: the node's own pause image unless
-    # another (ref, archive) is given (e.g. the one `make images` builds).
-    sandbox: tuple[str, Path] | None = None
     _network_created: bool = False
-
-    @property
-    def sandbox_image(self) -> str:
-        return self.sandbox[0] if self.sandbox else PAUSE_IMAGE
 
     @property
     def network(self) -> NodeNetwork:
@@ -116,16 +169,13 @@ class RealNode:
     # -- start -----------------------------------------------------------------------------
 
     @classmethod
-    def prepare(
-        cls, workdir: Path, k8s_bin: Path, node_bin: Path | None = None, sandbox: tuple[str, Path] | None = None
-    ) -> RealNode:
-        """Claim a node index (cleaning what a dead node left there) and create its network."""
+    def prepare(cls, workdir: Path, k8s_bin: Path, node_bin: Path | None = None) -> RealNode:
+        """Claim a node index (cleaning what a dead node left there), an image store, and create the network."""
         _check_host()
         node_bin = node_bin or find_node_binaries()
         slot = NodeSlot.claim()
         net = slot.network
         node = cls(slot, NodePaths(workdir / "node", net.run_dir, net.data_dir), node_bin, k8s_bin, workdir / "logs")
-        node.sandbox = sandbox
         try:
             if slot.stale:
                 previous = net.run_dir / "workdir"
@@ -134,6 +184,7 @@ class RealNode:
                 dead._clean(previous_run=True)
             net.run_dir.mkdir(parents=True)
             (net.run_dir / "workdir").write_text(str(node.paths.workdir))
+            node.paths.store = ImageStore.claim(node.paths.ephemeral_root)
             network.create(slot.network)
             node._network_created = True
         except BaseException:
@@ -158,7 +209,7 @@ class RealNode:
                 cni_conf_dir=cni_dir,
                 opt_dir=paths.workdir / "containerd-opt",
                 net=net,
-                sandbox_image=self.sandbox_image,
+                sandbox_image=PAUSE_IMAGE,
             )
         )
         # The shim is started by containerd from PATH: ours first.
@@ -173,21 +224,44 @@ class RealNode:
             return self.crictl("info", check=False, timeout=5).returncode == 0
 
         wait_until(answers, timeout=timeout, what="containerd's CRI", services=self.services, interval=0.2)
+        # A kept root may hold the pods of a run that died: none of them is this node's.
+        self.crictl("rmp", "--all", "--force", timeout=120)
         cache = self.paths.image_cache
-        pause = (
-            self.sandbox[1] if self.sandbox else images.cached_archive(images.pause_image(PAUSE_IMAGE, cache), cache)
-        )
         archives = [
-            pause,
+            images.cached_archive(images.pause_image(PAUSE_IMAGE, cache), cache),
             images.cached_archive(images.busybox_image(TOOLS_IMAGE), cache),
             images.cached_archive(images.coredns_image(COREDNS_IMAGE, self.node_bin / "coredns"), cache),
         ]
         self.import_images(archives)
 
-    def import_images(self, archives: Sequence[Path]) -> None:
-        """Import image archives (OCI or docker-archive, e.g. from ``podman save``) for the kubelet to run."""
+    def import_images(self, archives: Sequence[Path]) -> dict[str, float]:
+        """Import image archives (OCI or docker-archive, e.g. from ``podman save``) for the kubelet to run.
+
+        An archive already imported into this node's image store is skipped (see ``ImageStore``).
+        Returns the seconds each archive took, by file name (0 when skipped).
+        """
+        present = self.imported_archives()
+        took: dict[str, float] = {}
         for archive in archives:
-            self.ctr("images", "import", str(archive), timeout=600)
+            began = time.monotonic()
+            if archive.name not in present:
+                # --discard-unpacked-layers: the layers' blobs go once unpacked (the snapshots stay);
+                # it needs --local (ctr imports through the content API rather than the transfer service).
+                label = f"--label={ARCHIVE_LABEL}={archive.name}"
+                self.ctr("images", "import", "--local", "--discard-unpacked-layers", label, str(archive), timeout=1800)
+            took[archive.name] = round(time.monotonic() - began, 2)
+        return took
+
+    def imported_archives(self) -> set[str]:
+        """The archives (file names) whose images this node's containerd holds."""
+        listed = self.ctr("images", "list").stdout.splitlines()[1:]
+        found = set()
+        for line in listed:
+            for label in line.split()[-1].split(","):
+                key, _, value = label.partition("=")
+                if key == ARCHIVE_LABEL:
+                    found.add(value)
+        return found
 
     def start_kubelet(self, kubeconfig: Path) -> None:
         """Start the kubelet and kube-proxy in the node's namespace, talking to the API server of ``kubeconfig``."""
@@ -275,9 +349,15 @@ class RealNode:
             self._network_created = False
         _remove_log_links(self.paths.pod_logs)
         _remove_empty_cgroups()
-        for folder in (self.paths.run_dir, self.paths.data_dir):
+        # A dead run's root in its working folder is an ephemeral one (the cache's store is not
+        # under it); this node's own store is released (kept) or deleted (ephemeral).
+        leftovers = [self.paths.run_dir, self.paths.data_dir, *([self.paths.ephemeral_root] if previous_run else [])]
+        for folder in leftovers:
             if folder.exists():
                 subprocess.run(["rm", "-rf", "--one-file-system", str(folder)], check=False)
+        if self.paths.store is not None:
+            self.paths.store.release()
+            self.paths.store = None
         if not previous_run:
             self.slot.release()
 
