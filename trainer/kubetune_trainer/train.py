@@ -25,7 +25,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -358,87 +358,133 @@ def train(
     if world.size > 1:
         device_ids = [world.local_rank] if runtime.device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    eval_every = tc.eval_every_steps or steps_per_epoch
+    loop = _Loop(
+        model, net, params, optimizer, scheduler, cfg, runtime, pad_id, progress, world, uploader,
+        validation_set, state, total_steps, per_rank, tc.eval_every_steps or steps_per_epoch, resumed_from,
+    )  # fmt: skip
     progress.update(total_steps=total_steps, step=state.step)
     net.train()
-    started = time.monotonic()
-    tokens_at_start = state.tokens
-    last_loss: float | None = None
-    last_eval: float | None = None
-    window: list[float] = []
-
     while state.step < total_steps:
         order = _epoch_order(len(batches), tc.seed, state.epoch)
         mine = order[world.rank :: world.size][:per_rank]
         while state.batch_in_epoch < per_rank and state.step < total_steps:
             end = min(state.batch_in_epoch + tc.gradient_accumulation_steps, per_rank)
-            collated = [collate(batches[i], pad_id) for i in mine[state.batch_in_epoch : end]]
-            targets = sum(int(b["num_target_tokens"]) for b in collated)
-            step_loss = 0.0
-            for index, batch in enumerate(collated):
-                n = int(batch["num_target_tokens"])
-                # Gradients are all-reduced once per step, on the last micro-batch.
-                last = index == len(collated) - 1
-                sync = nullcontext() if last or world.size == 1 else net.no_sync()
-                with sync:
-                    loss = _forward_loss(net, _to_device(batch, runtime), runtime)
-                    # Weight micro-batches by their target tokens so accumulation equals one big batch.
-                    (loss * n / max(targets, 1)).backward()  # type: ignore[no-untyped-call]
-                step_loss += float(loss.detach()) * n / max(targets, 1)
-                state.tokens += int(batch["num_tokens"])
-            torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
+            loop.step([collate(batches[i], pad_id) for i in mine[state.batch_in_epoch : end]])
             state.batch_in_epoch = end
-            window.append(step_loss)
-            del window[:-20]
-            last_loss = sum(window) / len(window)
-
-            elapsed = time.monotonic() - started
-            tps = world.size * (state.tokens - tokens_at_start) / elapsed if elapsed > 0 else 0.0
-            done_steps = state.step - (resumed_from or 0)
-            eta = elapsed / done_steps * (total_steps - state.step) if done_steps else None
-            epoch = state.epoch + state.batch_in_epoch / per_rank
-            if world.main and (state.step % eval_every == 0 or state.step == total_steps):
-                last_eval = validation_loss(_unwrap(net), validation_set, cfg, runtime, pad_id)
-                net.train()
-                progress.record(step=state.step, loss=round(last_loss, 4), eval_loss=round(last_eval, 4))
-                log.info("step %d/%d loss %.4f val %.4f", state.step, total_steps, last_loss, last_eval)
-            elif not world.main and (state.step % eval_every == 0 or state.step == total_steps):
-                # Only rank 0 reports progress.json; every other rank says in its own log how far it is.
-                log.info("rank %d/%d step %d/%d loss %.4f", world.rank, world.size, state.step, total_steps, last_loss)
-            progress.update(
-                step=state.step,
-                epoch=round(epoch, 3),
-                loss=round(last_loss, 4),
-                eval_loss=None if last_eval is None else round(last_eval, 4),
-                tokens_per_second=round(tps, 1),
-                eta_seconds=None if eta is None else round(eta, 1),
-            )
-            if uploader is not None:
-                if state.step % tc.checkpoint_every_steps == 0 and state.step < total_steps:
-                    uploader.submit(write_checkpoint(model, optimizer, scheduler, state, cfg), state.step)
-                _report_checkpoints(uploader, progress)
+            loop.report()
         if state.batch_in_epoch >= per_rank:
             state.epoch += 1
             state.batch_in_epoch = 0
+    return loop.finish()
 
-    elapsed = time.monotonic() - started
-    model.eval()
-    result = TrainResult(
-        steps=state.step,
-        epochs=round(state.epoch + state.batch_in_epoch / per_rank, 3),
-        final_loss=last_loss,
-        final_eval_loss=last_eval,
-        tokens_per_second=world.size * (state.tokens - tokens_at_start) / elapsed if elapsed > 0 else 0.0,
-        train_seconds=elapsed,
-        resumed_from_step=resumed_from,
-    )
-    if uploader is not None:
-        _save_final(model, optimizer, scheduler, state, cfg, result, uploader, progress)
-    return result
+
+@dataclass
+class _Loop:
+    """What the training loop carries from step to step: the model, its optimizer, and how far it got."""
+
+    model: Any
+    net: Any  # the model, or its DistributedDataParallel wrapper
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    cfg: TrainerConfig
+    runtime: Runtime
+    pad_id: int
+    progress: ProgressReporter
+    world: World
+    uploader: outage.CheckpointUploader | None
+    validation_set: Sequence[Encoded]
+    state: _State
+    total_steps: int
+    per_rank: int
+    eval_every: int
+    resumed_from: int | None
+    started: float = field(default_factory=time.monotonic)
+    tokens_at_start: int = -1
+    window: list[float] = field(default_factory=list)
+    last_loss: float | None = None
+    last_eval: float | None = None
+
+    def __post_init__(self) -> None:
+        self.tokens_at_start = self.state.tokens
+
+    def step(self, collated: list[dict[str, torch.Tensor]]) -> None:
+        """One optimizer step over ``collated`` micro-batches (gradient accumulation)."""
+        targets = sum(int(b["num_target_tokens"]) for b in collated)
+        step_loss = 0.0
+        for index, batch in enumerate(collated):
+            n = int(batch["num_target_tokens"])
+            # Gradients are all-reduced once per step, on the last micro-batch.
+            last = index == len(collated) - 1
+            sync = nullcontext() if last or self.world.size == 1 else self.net.no_sync()
+            with sync:
+                loss = _forward_loss(self.net, _to_device(batch, self.runtime), self.runtime)
+                # Weight micro-batches by their target tokens so accumulation equals one big batch.
+                (loss * n / max(targets, 1)).backward()  # type: ignore[no-untyped-call]
+            step_loss += float(loss.detach()) * n / max(targets, 1)
+            self.state.tokens += int(batch["num_tokens"])
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.training.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.window.append(step_loss)
+        del self.window[:-20]
+        self.last_loss = sum(self.window) / len(self.window)
+
+    def tokens_per_second(self, elapsed: float) -> float:
+        return self.world.size * (self.state.tokens - self.tokens_at_start) / elapsed if elapsed > 0 else 0.0
+
+    def report(self) -> None:
+        """After a step: validate when due, update progress, take a checkpoint when due."""
+        state, total, loss = self.state, self.total_steps, self.last_loss or 0.0
+        elapsed = time.monotonic() - self.started
+        done_steps = state.step - (self.resumed_from or 0)
+        eta = elapsed / done_steps * (total - state.step) if done_steps else None
+        if state.step % self.eval_every == 0 or state.step == total:
+            if self.world.main:
+                self.last_eval = validation_loss(
+                    _unwrap(self.net), self.validation_set, self.cfg, self.runtime, self.pad_id
+                )
+                self.net.train()
+                self.progress.record(step=state.step, loss=round(loss, 4), eval_loss=round(self.last_eval, 4))
+                log.info("step %d/%d loss %.4f val %.4f", state.step, total, loss, self.last_eval)
+            else:
+                # Only rank 0 reports progress.json; every other rank says in its own log how far it is.
+                log.info("rank %d/%d step %d/%d loss %.4f", self.world.rank, self.world.size, state.step, total, loss)
+        self.progress.update(
+            step=state.step,
+            epoch=round(state.epoch + state.batch_in_epoch / self.per_rank, 3),
+            loss=round(loss, 4),
+            eval_loss=None if self.last_eval is None else round(self.last_eval, 4),
+            tokens_per_second=round(self.tokens_per_second(elapsed), 1),
+            eta_seconds=None if eta is None else round(eta, 1),
+        )
+        if self.uploader is not None:
+            if state.step % self.cfg.training.checkpoint_every_steps == 0 and state.step < total:
+                checkpoint = write_checkpoint(self.model, self.optimizer, self.scheduler, state, self.cfg)
+                self.uploader.submit(checkpoint, state.step)
+            _report_checkpoints(self.uploader, self.progress)
+
+    def finish(self) -> TrainResult:
+        """The training result; rank 0 uploads the final checkpoint before anything is published."""
+        elapsed = time.monotonic() - self.started
+        self.model.eval()
+        state = self.state
+        result = TrainResult(
+            steps=state.step,
+            epochs=round(state.epoch + state.batch_in_epoch / self.per_rank, 3),
+            final_loss=self.last_loss,
+            final_eval_loss=self.last_eval,
+            tokens_per_second=self.tokens_per_second(elapsed),
+            train_seconds=elapsed,
+            resumed_from_step=self.resumed_from,
+        )
+        if self.uploader is not None:
+            _save_final(
+                self.model, self.optimizer, self.scheduler, state, self.cfg, result, self.uploader, self.progress
+            )
+        return result
 
 
 def _report_checkpoints(uploader: outage.CheckpointUploader, progress: ProgressReporter) -> None:
