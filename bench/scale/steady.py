@@ -110,6 +110,7 @@ def run_steady(cluster: Cluster, api: k8s.ApiClient, args: argparse.Namespace, w
         runs = [f"{namespace}/{i['metadata']['name']}/{i['metadata']['uid']}/progress.json" for i in items]
         trainers = Trainers(cluster, runs, args.progress_interval)
         trainers.start()
+        all_training(custom, namespace, size, args.timeout)
         warm = args.progress_interval * 4
         log(f"steady: {len(runs)} running; warming up {warm:.0f}s, then measuring {args.steady_seconds:.0f}s")
         time.sleep(warm)
@@ -128,6 +129,18 @@ def run_steady(cluster: Cluster, api: k8s.ApiClient, args: argparse.Namespace, w
         sampler.stop()
         proxy.stop()
         store.stop()
+
+
+def all_training(custom: k8s.CustomObjectsApi, namespace: str, size: int, timeout: float) -> None:
+    """Wait until every FineTune says Training: each one's transition (a status write and an Event) is
+    burst work, so the measured window starts after the last of them."""
+
+    def training() -> bool:
+        items = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+        return sum((i.get("status") or {}).get("phase") == "Training" for i in items) >= size
+
+    wait_for(training, timeout, f"{size} FineTunes Training", 2.0)
+    log(f"steady: {size} FineTunes Training")
 
 
 def pods_running(api: k8s.ApiClient, namespace: str, size: int, timeout: float) -> None:

@@ -220,6 +220,9 @@ class FaultProxy:
             data=body if body else None,
             allow_redirects=False,
             auto_decompress=False,
+            # As sent: aiohttp would add "application/octet-stream" to a body without one, which the API
+            # server refuses (415) where it reads a body with no Content-Type as JSON.
+            skip_auto_headers=("Content-Type",),
         ) as upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for key, value in upstream.headers.items():

@@ -328,7 +328,8 @@ def test_crash_looping_container_backs_off(cluster: Cluster, namespace: str, api
         waiting = status["state"].get("waiting", {})
         return status if status["restartCount"] >= 2 and waiting.get("reason") == "CrashLoopBackOff" else None
 
-    status = wait_for("pod crasher to be restarted twice and back off", backing_off, timeout=30)
+    # A real kubelet waits 10 s before the first restart and 20 s before the second.
+    status = wait_for("pod crasher to be restarted twice and back off", backing_off, timeout=120)
 
     assert status["lastState"]["terminated"]["exitCode"] == 1
     assert read_pod(api, namespace, "crasher")["status"]["phase"] == "Running"

@@ -344,7 +344,7 @@ def test_artifacts_are_retained_on_delete_unless_retention_is_delete(
         assert obj is not None
         uids[name] = obj["metadata"]["uid"]
         # Only the FineTune whose artifacts the operator must delete carries its finalizer.
-        expected = ["kubetune.io/finalizer"] if name == "drops" else []
+        expected = ["kubetune.io/delete-artifacts"] if name == "drops" else []
         assert (obj["metadata"].get("finalizers") or []) == expected, obj["metadata"]
     retained = s3_keys(cluster, ns, "retains", uids["retains"])
     assert any(k.endswith("adapter_config.json") for k in retained), retained

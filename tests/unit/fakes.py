@@ -118,7 +118,7 @@ class FakeKube:
         merge(obj.setdefault("status", {}), status)
         self.writes.append(("patch-status", plural, name))
 
-    def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+    def secret_data(self, namespace: str, name: str, fresh: bool = False) -> dict[str, str] | None:
         self._maybe_fail("secret_data")
         return self.secrets.get((namespace, name))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -576,3 +577,17 @@ def test_pvc_uris_are_mounted_read_only_except_the_output() -> None:
 def test_no_pvc_no_volume() -> None:
     pod = job_for()["spec"]["template"]["spec"]
     assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+
+
+def test_every_stage_the_trainer_reports_maps_to_a_phase_that_never_steps_back() -> None:
+    """A pod that is still running after publishing ("done") must not show Preparing again."""
+    import re
+
+    from kubetune.builders.status import STAGE_PHASE
+
+    sources = (Path(__file__).resolve().parents[2] / "trainer" / "kubetune_trainer").glob("*.py")
+    reported = {m for path in sources for m in re.findall(r'\.stage\(\s*"([a-z]+)"', path.read_text())}
+    assert reported == set(STAGE_PHASE), reported ^ set(STAGE_PHASE)
+    order = ["Preparing", "Training", "Evaluating"]
+    phases = [order.index(STAGE_PHASE[s]) for s in ("prepare", "train", "evaluate", "publish", "done")]
+    assert phases == sorted(phases)

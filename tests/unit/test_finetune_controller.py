@@ -602,7 +602,7 @@ def test_retention_delete_gets_the_finalizer_and_loses_it_once_the_artifacts_are
     controller.finetune_seen("ADDED", obj)
     stored = kube.get("finetunes", NS, "support-bot-v1")
     assert stored is not None
-    assert stored["metadata"]["finalizers"] == ["kubetune.io/finalizer"]
+    assert stored["metadata"]["finalizers"] == ["kubetune.io/delete-artifacts"]
     run = output / NS / "support-bot-v1" / obj["metadata"]["uid"]
     (run / "adapter").mkdir(parents=True)
     (run / "adapter" / "weights").write_bytes(b"w")

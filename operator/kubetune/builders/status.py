@@ -18,7 +18,13 @@ from kubetune_trainer.contract import AdapterSummary, DataSummary, EvaluationSum
 
 ACTIVE_PHASES = ("Pending", "Queued", "Preparing", "Training", "Evaluating", "Suspended")
 TERMINAL_PHASES = ("Succeeded", "Failed")
-STAGE_PHASE = {"prepare": "Preparing", "train": "Training", "evaluate": "Evaluating", "publish": "Evaluating"}
+STAGE_PHASE = {
+    "prepare": "Preparing",
+    "train": "Training",
+    "evaluate": "Evaluating",
+    "publish": "Evaluating",
+    "done": "Evaluating",  # published; the pod is exiting and the Job about to complete
+}
 
 # Reasons a container or Job gives that map to an actionable FineTune reason.
 _CONTAINER_REASONS = {"OOMKilled": "OutOfMemory", "DeadlineExceeded": "DeadlineExceeded"}

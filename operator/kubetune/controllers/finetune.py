@@ -112,7 +112,7 @@ KEPT_METADATA = (
     "deletionTimestamp",
     "finalizers",
 )
-FINALIZER = "kubetune.io/finalizer"
+FINALIZER = "kubetune.io/delete-artifacts"
 """On FineTunes with ``output.retention: Delete`` only: their artifacts are deleted before they go."""
 DELETE_RETRY_S = 15.0
 
@@ -645,10 +645,14 @@ class FineTuneController:
         return storage.read_json(uri, settings)
 
     def storage_settings(
-        self, namespace: str, endpoint: str | None, region: str, secret: str | None
+        self, namespace: str, endpoint: str | None, region: str, secret: str | None, fresh: bool = False
     ) -> storage.S3Settings:
-        """The FineTune's store, with its credentials; never the operator's own (a missing Secret is an error)."""
-        data = self.kube.secret_data(namespace, secret) if secret else None
+        """The FineTune's store, with its credentials; never the operator's own (a missing Secret is an error).
+
+        ``fresh``: the Secret as it is now, not as cached for the polls (a deletion must not act on
+        credentials the user has just removed).
+        """
+        data = self.kube.secret_data(namespace, secret, fresh=fresh) if secret else None
         if secret and data is None:
             raise storage.StorageError(f"the credentials Secret {namespace}/{secret} does not exist")
         return s3_settings(data, endpoint, region)
@@ -788,7 +792,7 @@ class FineTuneController:
         run = run_prefix(plan.output_root, namespace, name, uid)
         try:
             stor = plan.spec.storage
-            settings = self.storage_settings(namespace, stor.endpoint, str(stor.region), plan.secret_name)
+            settings = self.storage_settings(namespace, stor.endpoint, str(stor.region), plan.secret_name, fresh=True)
             loc = storage.resolve(run, settings)
             served = self.served_by(namespace, uid)
             if served:

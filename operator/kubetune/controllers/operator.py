@@ -102,8 +102,10 @@ def build_registry(
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         # The controllers keep no kopf state in objects (no change-detecting handlers); were kopf ever to
-        # write some, it would be under kubetune.io names.
-        settings.persistence.finalizer = "kubetune.io/finalizer"
+        # write some, it would be under kubetune.io names. kopf removes its own finalizer from objects
+        # that no handler needs it on, so it must not be the one the FineTune controller manages
+        # (kubetune.io/delete-artifacts): with the same name, kopf took that off within a second.
+        settings.persistence.finalizer = "kubetune.io/kopf"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
         settings.persistence.diffbase_storage = NoDiffBase()
         # kopf would post an Event for every handler run; the controllers post one per transition instead.
