@@ -34,6 +34,10 @@ from tests.e2e.helpers import (
     wait_for,
 )
 
+# The first test's setup trains the story's FineTunes (the session's quickstart may still be training):
+# up to 900 s each by the fixture's own waits, more than the suite's 600 s default.
+pytestmark = pytest.mark.timeout(1800)
+
 SERVED = "support-bot"  # the AdapterDeployment, and the model name it serves
 A = "support-router"  # the session's quickstart FineTune: the first good adapter
 QUEUES = {

@@ -394,6 +394,18 @@ def test_running_phases_follow_the_trainer_stage() -> None:
     assert st.observe({}, st.Observation(job=job()), generation=1, now=NOW)["phase"] == "Pending"
 
 
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [("Training", "Training"), ("Evaluating", "Evaluating"), ("Preparing", "Preparing"), ("Pending", "Preparing")],
+)
+def test_an_active_job_without_a_progress_read_keeps_its_running_phase(before: str, after: str) -> None:
+    """A replacement pod that is not ready yet (no progress.json read) must not send Training back to Preparing."""
+    new = st.observe(
+        {"phase": before, "message": "step 8/30"}, st.Observation(job=job(active=1)), generation=1, now=NOW
+    )
+    assert new["phase"] == after
+
+
 def test_progress_is_mirrored_with_decimal_strings() -> None:
     progress = {
         "stage": "train",

@@ -18,6 +18,7 @@ from kubetune_trainer.contract import AdapterSummary, DataSummary, EvaluationSum
 
 ACTIVE_PHASES = ("Pending", "Queued", "Preparing", "Training", "Evaluating", "Suspended")
 TERMINAL_PHASES = ("Succeeded", "Failed")
+RUNNING_PHASES = ("Preparing", "Training", "Evaluating")
 STAGE_PHASE = {
     "prepare": "Preparing",
     "train": "Training",
@@ -190,11 +191,14 @@ def _verdict(status: dict[str, Any], seen: Observation) -> _Verdict:
             return _Verdict("Suspended", "Suspended", "runPolicy.suspend is true; resumes from the newest checkpoint")
         return _Verdict("Queued", "WaitingForAdmission", f"waiting for Kueue to admit the Job (queue {seen.queue})")
     if job is not None and int((job.get("status") or {}).get("active") or 0) > 0:
+        if seen.progress is None and status.get("phase") in RUNNING_PHASES:
+            # No report read this time (a replacement pod not ready yet): no step back to Preparing.
+            return _Verdict(str(status["phase"]), "Running", str(status.get("message") or ""))
         stage = seen.progress.stage if seen.progress is not None else None
         phase = STAGE_PHASE.get(str(stage), "Preparing")
         message = (seen.progress.message if seen.progress is not None else "") or phase.lower()
         return _Verdict(phase, "Running", message)
-    if status.get("phase") in ("Preparing", "Training", "Evaluating"):
+    if status.get("phase") in RUNNING_PHASES:
         # Between a pod's end and the Job's verdict (or a retry's pod): no step back to Pending.
         return _Verdict(str(status["phase"]), "Running", str(status.get("message") or ""))
     return _Verdict("Pending", "JobCreated", "waiting for the training pod to start")
