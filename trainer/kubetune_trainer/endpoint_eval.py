@@ -155,7 +155,7 @@ def evaluate_endpoint(
         )
     try:
         with tempfile.TemporaryDirectory(prefix="kubetune-eval-") as work:
-            local = storage.fetch_file(dataset, Path(work) / Path(dataset).name)
+            local = storage.fetch_file(dataset, Path(work) / Path(dataset).name, settings)
             examples = data.load_jsonl(local).examples[:max_examples]
     except storage.NotFoundError as e:
         return failed("DataNotFound", ExitCode.BAD_INPUT, f"dataset: {e}")
