@@ -66,7 +66,7 @@ def test_smollm2_finetune_beats_the_prompted_baseline_through_the_operator(
         # The node is this machine (2 cores, shared with the control plane's pods): request a quarter
         # core like the other tests' trainers (no CPU limit, so it still uses both) and the memory a
         # 135M model with LoRA needs.
-        resources={"gpus": 0, "cpu": TEST_CPU, "memory": "4Gi"},
+        resources={"gpus": 0, "cpu": TEST_CPU, "memory": "8Gi"},
     )
     apply(cluster, ns, doc)
     done = wait_for(
