@@ -161,18 +161,7 @@ def test_an_adapterdeployment_named_like_a_domain_gets_a_valid_service(
     cluster: Cluster, faulty: HostOperator, ns: str
 ) -> None:
     name = "1st.support-bot"  # dots and a leading digit: a fine object name, not a Service name
-    doc = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "AdapterDeployment",
-        "metadata": {"name": name},
-        "spec": {
-            "baseModel": {"uri": "s3://models/tiny-llama/"},
-            "adapter": {"fineTuneRef": {"name": "not-there-yet"}},
-            "servedModelName": "bot",
-            "runtime": {"type": "kubetune"},
-        },
-    }
-    apply(cluster, ns, doc)
+    apply(cluster, ns, adapter_deployment(name, {"fineTuneRef": {"name": "not-there-yet"}}, served="bot"))
     st = wait_for("a status", lambda: ((get(cluster, ns, "adapterdeployment", name) or {}).get("status") or {})
                   .get("endpoint"), timeout=60)  # fmt: skip
     host = st.removeprefix("http://").split(".")[0]
