@@ -198,7 +198,9 @@ def test_suspend_removes_pods_and_resume_continues_from_the_checkpoint(
     cluster.kubectl(
         "patch", "ft", "pausable", "-n", ns, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}'
     )
-    wait_for("Suspended", phase_in(cluster, ns, "pausable", "Suspended"))
+    suspended = wait_for("Suspended", phase_in(cluster, ns, "pausable", "Suspended"))
+    # The suspend landed mid-training (a run that had already published has nothing to resume).
+    assert suspended["progress"]["step"] < suspended["progress"]["totalSteps"], suspended
     wait_for(
         "no pods", lambda: not [p for p in pods(cluster, ns, job) if p["status"].get("phase") == "Running"] or None
     )

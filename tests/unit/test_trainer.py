@@ -165,6 +165,24 @@ def test_torchrun_data_parallel_on_cpu(tiny_model: Path, tmp_path: Path) -> None
     assert list(local(storage.join(cfg.output_uri, "checkpoints")).glob("step-*/COMPLETE"))
 
 
+@pytest.mark.parametrize(
+    ("batch", "size", "shares"),
+    [
+        ("abcdefgh", 1, ["abcdefgh"]),
+        ("abcdefgh", 2, ["aceg", "bdfh"]),
+        ("abcdefg", 2, ["aceg", "bdf"]),
+        ("abc", 4, ["a", "b", "c", "a"]),  # the epoch's last batch: rank 3 borrows a unit
+        ("a", 2, ["a", "a"]),
+    ],
+)
+def test_every_rank_takes_its_share_of_the_global_batch(batch: str, size: int, shares: list[str]) -> None:
+    """batchSize is global: the ranks' shares of a micro-batch together are the batch, each unit once."""
+    got = ["".join(train._shard(list(batch), train.World(rank=r, size=size))) for r in range(size)]
+    assert got == shares
+    if len(batch) >= size:
+        assert sorted("".join(got)) == sorted(batch)
+
+
 def test_qlora_on_cpu_fails_fast_with_a_clear_reason(tiny_model: Path, tmp_path: Path) -> None:
     cfg = make_config(tmp_path, tiny_model, method={"type": "QLoRA"})
     code, summary, _ = run_cli(cfg, tmp_path)
@@ -413,6 +431,43 @@ def test_sigkill_mid_training_resumes_from_the_last_checkpoint(tiny_model: Path,
     assert summary["training"]["resumedFromStep"] >= killed_at > 0
     assert summary["training"]["steps"] == 80
     assert "resumed from checkpoint" in output
+
+
+def test_sigterm_stops_training_at_once_and_says_so(tiny_model: Path, tmp_path: Path) -> None:
+    """A suspended or preempted pod gets SIGTERM: the trainer stops now, not at the kubelet's SIGKILL.
+
+    (In a container the trainer is PID 1, which ignores a signal it has no handler for; the e2e
+    suspend test covers that side on the real node.)
+    """
+    cfg = make_config(
+        tmp_path,
+        tiny_model,
+        training={"max_steps": 5000, "checkpoint_every_steps": 5},
+        evaluation={"max_new_tokens": 4, "max_examples": 4},
+    )
+    path = tmp_path / "config.json"
+    path.write_text(cfg.model_dump_json())
+    termination = tmp_path / "termination"
+    command = [sys.executable, "-m", "kubetune_trainer.cli", "run", "--config", str(path), "--no-progress-bar"]
+    proc = subprocess.Popen(
+        [*command, "--termination-log", str(termination)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    checkpoints = local(storage.join(cfg.output_uri, "checkpoints"))
+    deadline = time.monotonic() + 300
+    try:
+        while not list(checkpoints.glob("step-*/COMPLETE")):
+            assert proc.poll() is None, "the trainer exited before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert code == ExitCode.TERMINATED
+    summary = json.loads(termination.read_text())
+    assert (summary["phase"], summary["reason"]) == ("Failed", "Terminated")
+    assert "resumes from the newest complete checkpoint" in summary["message"]
+    assert not local(storage.join(cfg.output_uri, "manifest.json")).exists()
 
 
 # ----------------------------------------------------------------------------- bad input

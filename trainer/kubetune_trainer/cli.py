@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,7 @@ def _load_config(path: str) -> TrainerConfig:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kubetune_trainer.pipeline import default_termination_log, execute
+    from kubetune_trainer.pipeline import default_termination_log, execute, stop_on_sigterm
 
     termination_log = Path(args.termination_log) if args.termination_log else default_termination_log()
     try:
@@ -51,6 +52,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.work_dir:
         cfg = cfg.model_copy(update={"work_dir": args.work_dir})
     bar = False if args.no_progress_bar else None
+    stop_on_sigterm()
     return execute(cfg, termination_log=termination_log, progress_bar=bar)
 
 
@@ -80,7 +82,10 @@ def _launch(args: argparse.Namespace) -> int:
         ]
     else:
         torchrun.append("--standalone")
-    code = subprocess.call([*torchrun, "-m", "kubetune_trainer.cli", *trainer_args])
+    child = subprocess.Popen([*torchrun, "-m", "kubetune_trainer.cli", *trainer_args])
+    # PID 1 in the pod: pass SIGTERM on to torchrun (which stops its workers) instead of ignoring it.
+    signal.signal(signal.SIGTERM, lambda signum, _: child.send_signal(signum))
+    code = child.wait()
     if code == 0 or "--termination-log" not in trainer_args:
         return code
     log_path = Path(trainer_args[trainer_args.index("--termination-log") + 1])
@@ -343,8 +348,15 @@ def _add_import_gguf(sub: Any) -> None:
     gguf.set_defaults(func=_import_gguf)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # As PID 1 in a pod a process without a SIGTERM handler ignores SIGTERM; subcommands that must
+    # do more (run, launch, serve) install their own.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result: int = args.func(args)
     return result

@@ -58,6 +58,7 @@ class ExitCode(IntEnum):
     GATES_FAILED = 11  # trained and published, but the eval gates failed: not retried
     OUT_OF_MEMORY = 12  # out of memory: the same settings fail again, not retried
     STORAGE_UNAVAILABLE = 75  # EX_TEMPFAIL: the store is unreachable, retried
+    TERMINATED = 143  # 128 + SIGTERM: stopped (suspend, preemption, eviction); the next pod resumes
 
 
 NON_RETRYABLE = (ExitCode.BAD_INPUT, ExitCode.GATES_FAILED, ExitCode.OUT_OF_MEMORY)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -370,6 +371,26 @@ def _durably(cfg: TrainerConfig, progress: ProgressReporter, what: str, fn: Call
     )
 
 
+class TerminatedError(Exception):
+    """SIGTERM arrived: the pod is being stopped (Job suspended, preempted, evicted, deleted)."""
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into :class:`TerminatedError` in the main thread, so the run stops at once.
+
+    In a container the trainer is PID 1, and the kernel does not deliver a signal
+    to a namespace's init unless it has a handler: without this, a suspended or
+    preempted trainer would go on training (and could publish) for the whole
+    grace period, until the kubelet's SIGKILL.
+    """
+
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second one must not cut the clean-up short
+        raise TerminatedError(f"stopped by {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def execute(cfg: TrainerConfig, *, termination_log: Path | None, progress_bar: bool | None = None) -> int:
     """Run, classify the outcome, write the termination message; return the exit code."""
     try:
@@ -402,6 +423,9 @@ def classify(error: Exception, run_id: str) -> tuple[Summary, ExitCode]:
 
     if isinstance(error, RunError):
         return failed(error.reason, error.message, error.code)
+    if isinstance(error, TerminatedError):
+        message = f"{error}: the next pod resumes from the newest complete checkpoint"
+        return failed("Terminated", message, ExitCode.TERMINATED)
     if isinstance(error, torch.cuda.OutOfMemoryError):
         advice = "lower training.batchSize or maxSeqLength, or enable gradientCheckpointing"
         return failed("OutOfMemory", f"GPU out of memory ({error}); {advice}", ExitCode.OUT_OF_MEMORY)

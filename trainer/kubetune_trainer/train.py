@@ -71,6 +71,16 @@ def _batches(examples: Sequence[Encoded], cfg: TrainerConfig) -> list[list[Packe
     return [units[i : i + size] for i in range(0, len(units), size)]
 
 
+def _shard(batch: list[Any], world: World) -> list[Any]:
+    """This rank's share of a global micro-batch: every size-th unit from its rank on.
+
+    A batch smaller than the world (the epoch's last one) lends a rank with no unit
+    of its own one of the batch's, so every rank still takes part in the all-reduce.
+    """
+    share = batch[world.rank :: world.size]
+    return share or [batch[world.rank % len(batch)]]
+
+
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     order = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
@@ -319,8 +329,10 @@ def train(
 ) -> TrainResult:
     """Train ``model`` in place; resume from the run's newest complete checkpoint if there is one.
 
-    Data-parallel when ``world.size`` > 1: every rank takes every size-th
-    micro-batch of the shared shuffled order; rank 0 alone validates, writes
+    Data-parallel when ``world.size`` > 1: ``batchSize`` is the global micro-batch,
+    so every rank walks the same shuffled order of micro-batches and takes its
+    share of each (:func:`_shard`); the run takes the same optimizer steps on the
+    same examples on any number of devices. Rank 0 alone validates, writes
     checkpoints and reports progress.
     """
     world = world or World()
@@ -328,10 +340,10 @@ def train(
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     batches = _batches(train_set, cfg)
-    if len(batches) < world.size:
+    if not batches:
         raise ValueError("no training batches: every example was dropped or truncated away")
-    per_rank = len(batches) // world.size  # every rank takes the same number of steps
-    steps_per_epoch = math.ceil(per_rank / tc.gradient_accumulation_steps)
+    per_epoch = len(batches)
+    steps_per_epoch = math.ceil(per_epoch / tc.gradient_accumulation_steps)
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
@@ -349,7 +361,7 @@ def train(
             return _trained_already(model, final, state, total_steps, progress)
         progress.stage("train", f"resumed from checkpoint at step {step}")
     else:
-        progress.stage("train", f"{total_steps} steps, {per_rank} micro-batches per epoch per rank")
+        progress.stage("train", f"{total_steps} steps, {per_epoch} micro-batches per epoch")
 
     uploader = (
         outage.CheckpointUploader(lambda local, _: upload_checkpoint(local, cfg, settings)) if world.main else None
@@ -360,19 +372,19 @@ def train(
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     loop = _Loop(
         model, net, params, optimizer, scheduler, cfg, runtime, pad_id, progress, world, uploader,
-        validation_set, state, total_steps, per_rank, tc.eval_every_steps or steps_per_epoch, resumed_from,
+        validation_set, state, total_steps, per_epoch, tc.eval_every_steps or steps_per_epoch, resumed_from,
     )  # fmt: skip
     progress.update(total_steps=total_steps, step=state.step)
     net.train()
     while state.step < total_steps:
         order = _epoch_order(len(batches), tc.seed, state.epoch)
-        mine = order[world.rank :: world.size][:per_rank]
-        while state.batch_in_epoch < per_rank and state.step < total_steps:
-            end = min(state.batch_in_epoch + tc.gradient_accumulation_steps, per_rank)
-            loop.step([collate(batches[i], pad_id) for i in mine[state.batch_in_epoch : end]])
+        while state.batch_in_epoch < per_epoch and state.step < total_steps:
+            end = min(state.batch_in_epoch + tc.gradient_accumulation_steps, per_epoch)
+            shares = [_shard(batches[i], world) for i in order[state.batch_in_epoch : end]]
+            loop.step([collate(share, pad_id) for share in shares])
             state.batch_in_epoch = end
             loop.report()
-        if state.batch_in_epoch >= per_rank:
+        if state.batch_in_epoch >= per_epoch:
             state.epoch += 1
             state.batch_in_epoch = 0
     return loop.finish()
@@ -396,7 +408,7 @@ class _Loop:
     validation_set: Sequence[Encoded]
     state: _State
     total_steps: int
-    per_rank: int
+    per_epoch: int  # micro-batches in one epoch
     eval_every: int
     resumed_from: int | None
     started: float = field(default_factory=time.monotonic)
@@ -454,7 +466,7 @@ class _Loop:
                 log.info("rank %d/%d step %d/%d loss %.4f", self.world.rank, self.world.size, state.step, total, loss)
         self.progress.update(
             step=state.step,
-            epoch=round(state.epoch + state.batch_in_epoch / self.per_rank, 3),
+            epoch=round(state.epoch + state.batch_in_epoch / self.per_epoch, 3),
             loss=round(loss, 4),
             eval_loss=None if self.last_eval is None else round(self.last_eval, 4),
             tokens_per_second=round(self.tokens_per_second(elapsed), 1),
@@ -473,7 +485,7 @@ class _Loop:
         state = self.state
         result = TrainResult(
             steps=state.step,
-            epochs=round(state.epoch + state.batch_in_epoch / self.per_rank, 3),
+            epochs=round(state.epoch + state.batch_in_epoch / self.per_epoch, 3),
             final_loss=self.last_loss,
             final_eval_loss=self.last_eval,
             tokens_per_second=self.tokens_per_second(elapsed),

@@ -265,7 +265,15 @@ class TrainingSpec(KubeModel):
     )
     warmup_ratio: Fraction = Field(default="0.03", description='Share of steps spent warming up. Default "0.03".')
     weight_decay: Fraction = Field(default="0", description='AdamW weight decay. Default "0".')
-    batch_size: int = Field(default=8, ge=1, le=4096, description="Examples per device per step. Default 8.")
+    batch_size: int = Field(
+        default=8,
+        ge=1,
+        le=4096,
+        description=(
+            "Examples per micro-batch across all devices (the global batch; each of several pods or GPUs takes "
+            "an equal share), so a FineTune takes the same steps on one device or many. Default 8."
+        ),
+    )
     gradient_accumulation_steps: int = Field(
         default=1, ge=1, le=1024, description="Micro-batches accumulated per optimizer step. Default 1."
     )
