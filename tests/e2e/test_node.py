@@ -266,7 +266,9 @@ def test_container_killed_through_the_cri_is_restarted_by_the_kubelet(
 
     def restarted() -> Obj | None:
         statuses = read_pod(api, restricted, "victim")["status"].get("containerStatuses", [])
-        return statuses[0] if statuses and statuses[0]["restartCount"] >= 1 and statuses[0]["ready"] else None
+        # lastState can lag restartCount/ready by a status sync: wait for the whole report.
+        again = statuses and statuses[0]["restartCount"] >= 1 and statuses[0]["ready"]
+        return statuses[0] if again and statuses[0].get("lastState", {}).get("terminated") else None
 
     status = wait_for("the kubelet to restart the killed container", restarted)
     terminated = status["lastState"]["terminated"]
