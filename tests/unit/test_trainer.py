@@ -402,16 +402,11 @@ def test_failed_gates_publish_an_unpromotable_adapter(tiny_model: Path, tmp_path
     assert local(manifest["artifact"]["uri"]).joinpath("adapter_model.safetensors").is_file()
 
 
-def test_sigkill_mid_training_resumes_from_the_last_checkpoint(tiny_model: Path, tmp_path: Path) -> None:
-    cfg = make_config(
-        tmp_path,
-        tiny_model,
-        training={"max_steps": 80, "checkpoint_every_steps": 5},
-        evaluation={"max_new_tokens": 4, "max_examples": 4},
-    )
+def _run_until_a_checkpoint(cfg: TrainerConfig, tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """``kubetune-trainer run`` in its own session, returned once its first checkpoint is complete."""
     path = tmp_path / "config.json"
     path.write_text(cfg.model_dump_json())
-    command = [sys.executable, "-m", "kubetune_trainer.cli", "run", "--config", str(path), "--no-progress-bar"]
+    command = [sys.executable, "-m", "kubetune_trainer.cli", "run", "--config", str(path), "--no-progress-bar", *args]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     checkpoints = local(storage.join(cfg.output_uri, "checkpoints"))
     deadline = time.monotonic() + 300
@@ -420,9 +415,23 @@ def test_sigkill_mid_training_resumes_from_the_last_checkpoint(tiny_model: Path,
             assert proc.poll() is None, "the trainer exited before its first checkpoint"
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.05)
-    finally:
+    except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        raise
+    return proc, checkpoints
+
+
+def test_sigkill_mid_training_resumes_from_the_last_checkpoint(tiny_model: Path, tmp_path: Path) -> None:
+    cfg = make_config(
+        tmp_path,
+        tiny_model,
+        training={"max_steps": 80, "checkpoint_every_steps": 5},
+        evaluation={"max_new_tokens": 4, "max_examples": 4},
+    )
+    proc, checkpoints = _run_until_a_checkpoint(cfg, tmp_path)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
     killed_at = max(int(p.parent.name.removeprefix("step-")) for p in checkpoints.glob("step-*/COMPLETE"))
     assert not local(storage.join(cfg.output_uri, "manifest.json")).exists()
 
@@ -445,20 +454,9 @@ def test_sigterm_stops_training_at_once_and_says_so(tiny_model: Path, tmp_path: 
         training={"max_steps": 5000, "checkpoint_every_steps": 5},
         evaluation={"max_new_tokens": 4, "max_examples": 4},
     )
-    path = tmp_path / "config.json"
-    path.write_text(cfg.model_dump_json())
     termination = tmp_path / "termination"
-    command = [sys.executable, "-m", "kubetune_trainer.cli", "run", "--config", str(path), "--no-progress-bar"]
-    proc = subprocess.Popen(
-        [*command, "--termination-log", str(termination)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    checkpoints = local(storage.join(cfg.output_uri, "checkpoints"))
-    deadline = time.monotonic() + 300
+    proc, _ = _run_until_a_checkpoint(cfg, tmp_path, "--termination-log", str(termination))
     try:
-        while not list(checkpoints.glob("step-*/COMPLETE")):
-            assert proc.poll() is None, "the trainer exited before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
     finally:
