@@ -73,8 +73,11 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# The unit suite runs on every core (pytest-xdist), one torch thread per worker: most of its time
+# is single-threaded (starting trainer processes, importing torch), so workers beat threads.
+UNIT_WORKERS ?= auto
 test-unit: venv
-	$(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests/unit -q -n $(UNIT_WORKERS) $(PYTEST_ARGS)
 
 # KUBETUNE_TEST_NODE=fake: the fast lane (the fake kubelet runs pods' commands on this
 # machine; tests that need the real node's pods are skipped). See docs/testing.md.

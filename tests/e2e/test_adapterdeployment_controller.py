@@ -30,6 +30,7 @@ from tests.e2e.helpers import (
     image_refs,
     phase_in,
     pods,
+    quick,
     run_pod,
     wait_for,
 )
@@ -120,7 +121,7 @@ def story(cluster: Cluster, quickstart: WatchedRun) -> str:
     and one whose gates failed."""
     ns = quickstart.ns
     apply(cluster, ns, example("adapter-b", training={"seed": 7}))
-    bad = example("adapter-bad", training={"epochs": 1})
+    bad = quick("adapter-bad")  # its only use: an adapter whose gates failed (no baselines to score)
     bad["spec"]["evaluation"]["gates"] = [{"metric": "perplexity", "max": "1"}]
     apply(cluster, ns, bad)
     for name in (A, "adapter-b", "adapter-bad"):

@@ -233,7 +233,7 @@ def test_the_job_carries_the_resolved_config_and_no_credentials() -> None:
     assert config["training"]["learning_rate"] == pytest.approx(1e-4)
     assert config["method"] == {
         "type": "DoRA",
-        "lora": {"rank": 8, "alpha": 32, "dropout": 0.1, "target_modules": None},
+        "lora": {"rank": 8, "alpha": 32, "dropout": 0.1, "target_modules": None, "last_layers": None},
     }
     assert config["evaluation"]["gates"][0]["min_lift_over"] == {"baseline": "prompted", "by": 0.05}
     assert config["storage"]["endpoint"] == "http://minio.storage:9000"

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -105,6 +106,49 @@ def test_method_trains_and_validation_loss_falls(tiny_model: Path, tmp_path: Pat
     assert result.final_eval_loss is not None
     assert result.final_eval_loss < 0.9 * before, (before, result.final_eval_loss)
     assert result.tokens_per_second > 0
+
+
+def _first(out: Any) -> Any:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def test_last_layers_adapts_only_the_top_blocks_and_backpropagates_no_further(tiny_model: Path, tmp_path: Path) -> None:
+    cfg = make_config(
+        tmp_path, tiny_model, method={"type": "LoRA", "lora": {"last_layers": 1}}, training={"max_steps": 4}
+    )
+    tokenizer = modeling.load_tokenizer(tiny_model)
+    runtime = modeling.pick_runtime("auto")
+    model = modeling.apply_method(
+        modeling.load_base_model(tiny_model, cfg.method, runtime), cfg.method, gradient_checkpointing=False
+    )
+    blocks = model.config.num_hidden_layers
+    assert blocks > 1
+    adapted = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in model.named_parameters() if "lora_A" in n}
+    assert adapted == {blocks - 1}
+    needs_grad: dict[int, bool] = {}
+    for i in (0, blocks - 1):
+        block = model.get_base_model().model.layers[i]
+        block.register_forward_hook(  # ever, over training's forwards (validation's run without a graph)
+            lambda _m, _a, out, i=i: needs_grad.__setitem__(i, needs_grad.get(i, False) or _first(out).requires_grad)
+        )
+    train_set, val_set = _curated(tokenizer, limit=32)
+    train.train(
+        model,
+        train_set,
+        val_set,
+        cfg,
+        runtime,
+        tokenizer.pad_token_id,
+        ProgressReporter(None, None, bar=False),
+        storage.S3Settings(),
+    )
+    assert needs_grad == {0: False, blocks - 1: True}  # no graph, so no backward, below the adapted block
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b
+    assert all(p.abs().sum() > 0 for p in lora_b)  # the top block learned (B starts at zero)
+    with pytest.raises(modeling.MethodConfigError, match=f"lastLayers {blocks + 1} is more than the {blocks} blocks"):
+        modeling.adapted_layers(model, blocks + 1)
+    assert modeling.adapted_layers(model, None) is None
 
 
 def test_gradient_checkpointing_trains_too(tiny_model: Path, tmp_path: Path) -> None:
@@ -682,6 +726,37 @@ def test_default_gates_require_strictly_beating_prompting() -> None:
 )
 def test_metrics(metric: str, prediction: str, reference: str, score: float) -> None:
     assert evaluate.TEXT_METRICS[metric](prediction, reference) == pytest.approx(score)
+
+
+@pytest.mark.parametrize(
+    ("context", "max_seq_length", "max_new_tokens", "budget"),
+    [
+        (8192, 256, 8, 8184),  # a few-shot prompt may be longer than a training row
+        (None, 256, 8, 248),  # a model that does not say: the training bound
+        (128, 256, 8, 248),  # never below the training bound
+        (8192, 20, 8192, 16),  # a floor, so something is always asked
+    ],
+)
+def test_prompt_budget_is_the_models_context_less_the_answer(
+    context: int | None, max_seq_length: int, max_new_tokens: int, budget: int
+) -> None:
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=context))
+    assert evaluate.prompt_budget(model, max_seq_length, max_new_tokens) == budget
+
+
+def test_references_longer_than_the_generation_budget_are_reported(tiny_model: Path) -> None:
+    tokenizer = modeling.load_tokenizer(tiny_model)
+    examples = data.load_jsonl(SUPPORT_DATA / "heldout.jsonl").examples
+    lengths = [len(tokenizer(e.response, add_special_tokens=False)["input_ids"]) for e in examples]
+    longest = max(lengths)
+    assert evaluate.cut_off_note(tokenizer, examples, longest) is None
+    note = evaluate.cut_off_note(tokenizer, examples, longest - 1)
+    assert note is not None
+    cut = sum(n == longest for n in lengths)
+    assert note.startswith(
+        f"{cut} of {len(examples)} references are longer than evaluation.maxNewTokens ({longest - 1})"
+    )
+    assert note.endswith(f"set maxNewTokens to at least {longest}")
 
 
 def test_method_config_defaults_target_the_architecture(tiny_model: Path) -> None:

@@ -88,6 +88,7 @@ class LoRAConfig(_Config):
     alpha: int = Field(default=32, ge=1, description="Adapter alpha.")
     dropout: float = Field(default=0.05, ge=0, le=1, description="Adapter dropout.")
     target_modules: list[str] | None = Field(default=None, description="Modules to adapt; None: per architecture.")
+    last_layers: int | None = Field(default=None, ge=1, description="Adapt only the last N blocks; None: all.")
 
 
 class MethodConfig(_Config):

@@ -134,6 +134,7 @@ class Report:
     examples: int
     general_perplexity: dict[str, float]
     prompt: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -144,6 +145,7 @@ class Report:
             "gates": [asdict(g) for g in self.gates],
             "general_perplexity": self.general_perplexity,
             "prompt": self.prompt,
+            "notes": self.notes,
         }
 
 
@@ -303,6 +305,30 @@ def default_gates(cfg: EvaluationConfig) -> list[GateConfig]:
     return gates
 
 
+def prompt_budget(model: Any, max_seq_length: int, max_new_tokens: int) -> int:
+    """The longest prompt a candidate is given: the model's context less the answer's budget.
+
+    Not ``training.maxSeqLength``: that bounds training rows, and cutting a few-shot prompt to it
+    would drop the front of its system prompt, a weaker baseline than the one configured.
+    """
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    limit = context if isinstance(context, int) and context > max_seq_length else max_seq_length
+    return max(16, limit - max_new_tokens)
+
+
+def cut_off_note(tokenizer: Any, examples: Sequence[Example], max_new_tokens: int) -> str | None:
+    """Say so when some references are longer than the generation budget: no answer can match them."""
+    lengths = [len(tokenizer(e.response, add_special_tokens=False)["input_ids"]) for e in examples]
+    long = [n for n in lengths if n > max_new_tokens]
+    if not long:
+        return None
+    return (
+        f"{len(long)} of {len(examples)} references are longer than evaluation.maxNewTokens ({max_new_tokens}); "
+        f"the longest is {max(long)} tokens, so no candidate can match them exactly: "
+        f"set maxNewTokens to at least {max(long)}"
+    )
+
+
 @contextmanager
 def adapter_disabled(model: Any) -> Iterator[None]:
     """The base model's behaviour from a PEFT model, without a second copy in memory."""
@@ -335,7 +361,10 @@ def run_evaluation(
     examples = list(eval_set)
     if cfg.max_examples is not None:
         examples = examples[: cfg.max_examples]
-    max_prompt = max(16, max_seq_length - cfg.max_new_tokens)
+    max_prompt = prompt_budget(tuned, max_seq_length, cfg.max_new_tokens)
+    notes = [note] if (note := cut_off_note(tokenizer, examples, cfg.max_new_tokens)) else []
+    for line in notes:
+        log.warning("%s", line)
     zero_shot = [e.prompt for e in examples]
 
     def base_ctx() -> Any:
@@ -376,7 +405,7 @@ def run_evaluation(
         candidates[name] = result
         log.info("%s: %s", name, result.metrics)
 
-    report = Report(cfg.headline, candidates, [], False, len(examples), perplexity, prompt_info)
+    report = Report(cfg.headline, candidates, [], False, len(examples), perplexity, prompt_info, notes)
     gates = cfg.gates or default_gates(cfg)
     report.gates = [evaluate_gate(g, report) for g in gates]
     report.passed = all(g.passed for g in report.gates)
@@ -427,6 +456,7 @@ def markdown(report: Report) -> str:
         threshold = "-" if g.threshold is None else f"{g.threshold:.4f}"
         lines.append(f"| {g.metric} {g.rule} | {value} | {threshold} | {'pass' if g.passed else 'FAIL'}: {g.message} |")
     lines += ["", f"**{'PASSED' if report.passed else 'FAILED'}**", ""]
+    lines += [f"Note: {n}." for n in report.notes] + ([""] if report.notes else [])
     if report.prompt:
         p = report.prompt
         labels = p.get("labels")

@@ -98,6 +98,24 @@ def check_lora_fits(model: Any, modules: list[str], rank: int) -> None:
         )
 
 
+def adapted_layers(model: Any, last_layers: int | None) -> list[int] | None:
+    """The block indices an adapter wraps when ``method.lora.lastLayers`` is set (None: every block)."""
+    if last_layers is None:
+        return None
+    blocks = getattr(model.config, "num_hidden_layers", None)
+    if not isinstance(blocks, int):
+        raise MethodConfigError(
+            f"method.lora.lastLayers: this {type(model).__name__} does not say how many blocks it has "
+            "(config.num_hidden_layers); leave lastLayers out to adapt every block"
+        )
+    if last_layers > blocks:
+        raise MethodConfigError(
+            f"method.lora.lastLayers {last_layers} is more than the {blocks} blocks of this "
+            f"{type(model).__name__}; choose at most {blocks}"
+        )
+    return list(range(blocks - last_layers, blocks))
+
+
 def target_modules(model: Any, requested: list[str] | None) -> list[str]:
     """The module names an adapter wraps: the request, the architecture's list, or every Linear."""
     if requested:
@@ -164,11 +182,13 @@ def apply_method(model: Any, method: MethodConfig, *, gradient_checkpointing: bo
         )
     modules = target_modules(model, method.lora.target_modules)
     check_lora_fits(model, modules, method.lora.rank)
+    layers = adapted_layers(model, method.lora.last_layers)
     config = LoraConfig(
         r=method.lora.rank,
         lora_alpha=method.lora.alpha,
         lora_dropout=method.lora.dropout,
         target_modules=modules,
+        layers_to_transform=layers,
         use_dora=method.type == "DoRA",
         task_type="CAUSAL_LM",
         bias="none",

@@ -211,6 +211,16 @@ class LoRASpec(KubeModel):
             "attention and MLP projections of the model's architecture."
         ),
     )
+    last_layers: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description=(
+            "Adapt only the model's last N transformer blocks; when absent, every block. Backpropagation "
+            "then stops at the lowest adapted block, so a step costs less, and the lower blocks (much of "
+            "the base model's general language skill) stay exactly as they were."
+        ),
+    )
 
 
 class MethodSpec(KubeModel):

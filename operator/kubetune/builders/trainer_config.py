@@ -120,7 +120,11 @@ def build_trainer_config(
         method=tc.MethodConfig(
             type=spec.method.type,
             lora=tc.LoRAConfig(
-                rank=lora.rank, alpha=lora.alpha, dropout=float(lora.dropout), target_modules=lora.target_modules
+                rank=lora.rank,
+                alpha=lora.alpha,
+                dropout=float(lora.dropout),
+                target_modules=lora.target_modules,
+                last_layers=lora.last_layers,
             ),
         ),
         training=_training(spec),
