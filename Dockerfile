@@ -11,8 +11,8 @@
 # wheel bundles the CUDA libraries, so the base needs no CUDA of its own).
 #
 # Layers, from the bottom: the base image; a virtualenv at /opt/kubetune; the
-# third-party dependencies (they change only with pyproject.toml, so a source
-# change rebuilds none of torch's gigabytes); the project's own wheel (small,
+# third-party dependencies (they change only with the image's own requirements
+# in pyproject.toml, so a source change rebuilds none of torch's gigabytes); the project's own wheel (small,
 # rebuilt on every source change). pip's cache is a build cache mount and never
 # reaches a layer. The project's wheel (~140 kB) is COPYed in and removed again,
 # so it stays in one small layer: COPY is cached by content in every builder,
@@ -68,15 +68,21 @@ RUN --mount=type=cache,id=kubetune-pip,target=/root/.cache/pip,sharing=locked \
     if [ -f /run/secrets/cacert ]; then export PIP_CERT=/run/secrets/cacert; fi \
  && pip wheel --no-deps --wheel-dir /wheels /src
 
+# ---------------------------------------------------------------- requirements
+# Each image's third-party requirements, read from pyproject.toml with tomllib into a file of its own.
+# The dependency layers below COPY only that file, so they are rebuilt when an image's requirements
+# change, not when anything else in pyproject.toml does (a dev tool, a lint setting, the version).
+FROM runtime AS requirements
+COPY pyproject.toml /tmp/kubetune/
+RUN mkdir /requirements && python -c 'import sys, tomllib; p = tomllib.load(open(sys.argv[1], "rb"))["project"]; [open(f"/requirements/{x}.txt", "w").write("\n".join(p["dependencies"] + p["optional-dependencies"][x]) + "\n") for x in ("operator", "trainer")]' \
+        /tmp/kubetune/pyproject.toml
+
 # ---------------------------------------------------------------- operator
 FROM runtime AS operator-deps
-# Only pyproject.toml: its dependencies and the `operator` extra, read with tomllib.
-COPY pyproject.toml /tmp/kubetune/
+COPY --from=requirements /requirements/operator.txt /tmp/kubetune/requirements.txt
 RUN --mount=type=cache,id=kubetune-pip,target=/root/.cache/pip,sharing=locked \
     --mount=type=secret,id=cacert \
     if [ -f /run/secrets/cacert ]; then export PIP_CERT=/run/secrets/cacert; fi \
- && python -c 'import sys, tomllib; p = tomllib.load(open(sys.argv[1], "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["operator"]))' \
-        /tmp/kubetune/pyproject.toml > /tmp/kubetune/requirements.txt \
  && pip install -r /tmp/kubetune/requirements.txt \
  && rm -rf /tmp/kubetune
 
@@ -101,12 +107,10 @@ ENTRYPOINT ["kubetune", "operator"]
 # ---------------------------------------------------------------- trainer
 FROM runtime AS trainer-deps
 ARG BITSANDBYTES_VERSION
-COPY pyproject.toml /tmp/kubetune/
+COPY --from=requirements /requirements/trainer.txt /tmp/kubetune/requirements.txt
 RUN --mount=type=cache,id=kubetune-pip,target=/root/.cache/pip,sharing=locked \
     --mount=type=secret,id=cacert \
     if [ -f /run/secrets/cacert ]; then export PIP_CERT=/run/secrets/cacert; fi \
- && python -c 'import sys, tomllib; p = tomllib.load(open(sys.argv[1], "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["trainer"]))' \
-        /tmp/kubetune/pyproject.toml > /tmp/kubetune/requirements.txt \
  && pip install -r /tmp/kubetune/requirements.txt "bitsandbytes==${BITSANDBYTES_VERSION}" \
  && rm -rf /tmp/kubetune
 

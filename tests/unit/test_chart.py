@@ -457,18 +457,21 @@ def test_dockerfile_final_stages(target: str, entrypoint: list[str], extra: str,
     copies = [rest for instruction, rest in instructions if instruction in {"COPY", "ADD"}]
     assert copies == ["--from=wheel /wheels/ /tmp/wheels/"]
     assert "rm -rf /tmp/wheels" in runs
-    # The dependencies: a stage of their own, reading only pyproject.toml, so a
-    # source change does not reinstall torch.
+    # The dependencies: a stage of their own that copies only this image's requirements (read from
+    # pyproject.toml by the requirements stage), so neither a source change nor a change to another
+    # part of pyproject.toml (a dev tool) reinstalls torch.
     deps = stages[f"{target}-deps"]
-    assert [rest for instruction, rest in deps if instruction == "COPY"] == ["pyproject.toml /tmp/kubetune/"]
-    deps_runs = " ".join(rest for instruction, rest in deps if instruction == "RUN")
-    assert f'["optional-dependencies"]["{target}"]' in deps_runs
-    assert f'["optional-dependencies"]["{not_installed}"]' not in deps_runs
+    copied = [rest for instruction, rest in deps if instruction == "COPY"]
+    assert copied == [f"--from=requirements /requirements/{target}.txt /tmp/kubetune/requirements.txt"]
+    assert f"{not_installed}.txt" not in " ".join(rest for _, rest in deps)
+    requirements = stages["requirements"]
+    assert [rest for instruction, rest in requirements if instruction == "COPY"] == ["pyproject.toml /tmp/kubetune/"]
+    assert '["optional-dependencies"][x]' in " ".join(rest for _, rest in requirements)
 
 
 def test_dockerfile_hygiene() -> None:
     stages = dockerfile_stages()
-    assert {"runtime", "wheel", "operator-deps", "operator", "trainer-deps", "trainer"} <= set(stages)
+    assert {"runtime", "wheel", "requirements", "operator-deps", "operator", "trainer-deps", "trainer"} <= set(stages)
     for name, instructions in stages.items():
         for instruction, rest in instructions:
             assert instruction != "ADD", f"{name}: use COPY (no ADD, least of all of URLs)"
