@@ -83,14 +83,28 @@ def _curated(tokenizer: Any, limit: int = 96) -> tuple[list[data.Encoded], list[
     return [data.encode(tokenizer, e, 256) for e in train_set], [data.encode(tokenizer, e, 256) for e in val_set]
 
 
+def _adapted_model(model_dir: Path, cfg: TrainerConfig, gradient_checkpointing: bool = False) -> tuple[Any, Any, Any]:
+    """(tokenizer, runtime, the base model wrapped by cfg.method), as the pipeline builds them."""
+    tokenizer = modeling.load_tokenizer(model_dir)
+    runtime = modeling.pick_runtime("auto")
+    model = modeling.apply_method(
+        modeling.load_base_model(model_dir, cfg.method, runtime),
+        cfg.method,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    return tokenizer, runtime, model
+
+
+def _train(model: Any, tokenizer: Any, runtime: Any, cfg: TrainerConfig, train_set: Any, val_set: Any) -> Any:
+    """train.train with no progress bar and no store."""
+    progress = ProgressReporter(None, None, bar=False)
+    return train.train(model, train_set, val_set, cfg, runtime, tokenizer.pad_token_id, progress, storage.S3Settings())
+
+
 @pytest.mark.parametrize(("method", "lr"), [("LoRA", 3e-3), ("DoRA", 3e-3), ("Full", 1e-3)])
 def test_method_trains_and_validation_loss_falls(tiny_model: Path, tmp_path: Path, method: str, lr: float) -> None:
     cfg = make_config(tmp_path, tiny_model, method={"type": method}, training={"max_steps": 12, "learning_rate": lr})
-    tokenizer = modeling.load_tokenizer(tiny_model)
-    runtime = modeling.pick_runtime("auto")
-    model = modeling.apply_method(
-        modeling.load_base_model(tiny_model, cfg.method, runtime), cfg.method, gradient_checkpointing=False
-    )
+    tokenizer, runtime, model = _adapted_model(tiny_model, cfg)
     trainable, total = modeling.count_parameters(model)
     if method == "Full":
         assert trainable == total
@@ -98,10 +112,7 @@ def test_method_trains_and_validation_loss_falls(tiny_model: Path, tmp_path: Pat
         assert 0 < trainable < total / 2
     train_set, val_set = _curated(tokenizer)
     before = train.validation_loss(model, val_set, cfg, runtime, tokenizer.pad_token_id)
-    progress = ProgressReporter(None, None, bar=False)
-    result = train.train(
-        model, train_set, val_set, cfg, runtime, tokenizer.pad_token_id, progress, storage.S3Settings()
-    )
+    result = _train(model, tokenizer, runtime, cfg, train_set, val_set)
     assert result.steps == 12
     assert result.final_eval_loss is not None
     assert result.final_eval_loss < 0.9 * before, (before, result.final_eval_loss)
@@ -116,11 +127,7 @@ def test_last_layers_adapts_only_the_top_blocks_and_backpropagates_no_further(ti
     cfg = make_config(
         tmp_path, tiny_model, method={"type": "LoRA", "lora": {"last_layers": 1}}, training={"max_steps": 4}
     )
-    tokenizer = modeling.load_tokenizer(tiny_model)
-    runtime = modeling.pick_runtime("auto")
-    model = modeling.apply_method(
-        modeling.load_base_model(tiny_model, cfg.method, runtime), cfg.method, gradient_checkpointing=False
-    )
+    tokenizer, runtime, model = _adapted_model(tiny_model, cfg)
     blocks = model.config.num_hidden_layers
     assert blocks > 1
     adapted = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in model.named_parameters() if "lora_A" in n}
@@ -132,16 +139,7 @@ def test_last_layers_adapts_only_the_top_blocks_and_backpropagates_no_further(ti
             lambda _m, _a, out, i=i: needs_grad.__setitem__(i, needs_grad.get(i, False) or _first(out).requires_grad)
         )
     train_set, val_set = _curated(tokenizer, limit=32)
-    train.train(
-        model,
-        train_set,
-        val_set,
-        cfg,
-        runtime,
-        tokenizer.pad_token_id,
-        ProgressReporter(None, None, bar=False),
-        storage.S3Settings(),
-    )
+    _train(model, tokenizer, runtime, cfg, train_set, val_set)
     assert needs_grad == {0: False, blocks - 1: True}  # no graph, so no backward, below the adapted block
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b
@@ -153,16 +151,9 @@ def test_last_layers_adapts_only_the_top_blocks_and_backpropagates_no_further(ti
 
 def test_gradient_checkpointing_trains_too(tiny_model: Path, tmp_path: Path) -> None:
     cfg = make_config(tmp_path, tiny_model, training={"max_steps": 4, "gradient_checkpointing": True})
-    tokenizer = modeling.load_tokenizer(tiny_model)
-    runtime = modeling.pick_runtime("auto")
-    model = modeling.apply_method(
-        modeling.load_base_model(tiny_model, cfg.method, runtime), cfg.method, gradient_checkpointing=True
-    )
+    tokenizer, runtime, model = _adapted_model(tiny_model, cfg, gradient_checkpointing=True)
     train_set, val_set = _curated(tokenizer, 32)
-    progress = ProgressReporter(None, None, bar=False)
-    result = train.train(
-        model, train_set, val_set, cfg, runtime, tokenizer.pad_token_id, progress, storage.S3Settings()
-    )
+    result = _train(model, tokenizer, runtime, cfg, train_set, val_set)
     assert result.steps == 4
     assert result.final_loss is not None
     assert result.final_loss == result.final_loss  # not NaN
@@ -250,22 +241,9 @@ def test_published_adapter_reloads_with_identical_logits(tiny_model: Path, tmp_p
     from transformers import AutoModelForCausalLM
 
     cfg = make_config(tmp_path, tiny_model, training={"max_steps": 6})
-    tokenizer = modeling.load_tokenizer(tiny_model)
-    runtime = modeling.pick_runtime("auto")
-    model = modeling.apply_method(
-        modeling.load_base_model(tiny_model, cfg.method, runtime), cfg.method, gradient_checkpointing=False
-    )
+    tokenizer, runtime, model = _adapted_model(tiny_model, cfg)
     train_set, val_set = _curated(tokenizer, 32)
-    train.train(
-        model,
-        train_set,
-        val_set,
-        cfg,
-        runtime,
-        tokenizer.pad_token_id,
-        ProgressReporter(None, None, bar=False),
-        storage.S3Settings(),
-    )
+    _train(model, tokenizer, runtime, cfg, train_set, val_set)
     artifact = publish.save_artifact(model, tokenizer, cfg, tmp_path / "artifact")
     assert (artifact / "adapter_config.json").is_file()
     assert (artifact / "adapter_model.safetensors").is_file()
