@@ -93,10 +93,14 @@ def test_the_two_node_adapter_is_as_good_as_the_one_pod_adapter(
     assert one["phase"] == "Succeeded", one
     assert two["evaluation"]["passed"] is True, two["evaluation"]
     assert [g["passed"] for g in two["evaluation"]["gates"]] == [True, True]
-    score_one, score_two = (float(s["evaluation"]["metrics"]["exact_match"]) for s in (one, two))
+    # Without adapter dropout (the example has none) two ranks take the same optimizer steps with the same
+    # gradients as one pod, up to the order of float sums: the adapters score alike, and their loss on the
+    # held-out responses is the same to a fraction of a percent (measured: equal to 4 digits after 64 steps).
+    metrics_one, metrics_two = (s["evaluation"]["metrics"] for s in (one, two))
     examples = 24  # evaluation.maxExamples of the example: one example is 1/24 of the score
-    assert score_two >= score_one - 2 / examples, (score_one, score_two)
-    assert two["adapter"]["digest"] != one["adapter"]["digest"]
+    assert abs(float(metrics_two["exact_match"]) - float(metrics_one["exact_match"])) <= 1 / examples, (one, two)
+    loss_one, loss_two = float(metrics_one["loss"]), float(metrics_two["loss"])
+    assert abs(loss_two - loss_one) <= 0.01 * loss_one, (loss_one, loss_two)
 
 
 # ----------------------------------------------------------------------------- Kueue

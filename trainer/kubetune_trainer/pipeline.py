@@ -221,6 +221,8 @@ def _fetch_base_model(cfg: TrainerConfig, settings: storage.S3Settings, progress
 
 def _train(cfg: TrainerConfig, settings: storage.S3Settings, progress: ProgressReporter, world: Any) -> _Trained | None:
     """Fetch the base model and data, curate, train (resuming). None on ranks other than 0."""
+    import torch
+
     from kubetune_trainer import data, modeling, train
 
     model_dir, model_digest = _fetch_base_model(cfg, settings, progress)
@@ -232,6 +234,9 @@ def _train(cfg: TrainerConfig, settings: storage.S3Settings, progress: ProgressR
 
     runtime = modeling.pick_runtime(cfg.training.precision)
     base = modeling.load_base_model(model_dir, cfg.method, runtime)
+    # The adapter's initial weights are drawn here: from the run's seed, not from whatever state
+    # loading the base left the global generator in, so every rank and every rerun starts alike.
+    torch.manual_seed(cfg.training.seed)
     model = modeling.apply_method(base, cfg.method, gradient_checkpointing=cfg.training.gradient_checkpointing)
     trainable, total = modeling.count_parameters(model)
     log.info(

@@ -312,6 +312,18 @@ def init_world() -> World:
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank)
 
 
+def global_targets(local: int, world: World, device: torch.device) -> int:
+    """The target tokens of one optimizer step summed over every rank (one scalar all-reduce on ``device``:
+    NCCL reduces GPU tensors only)."""
+    if world.size == 1:
+        return local
+    import torch.distributed as dist
+
+    total = torch.tensor([local], dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
 def _unwrap(model: Any) -> Any:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
@@ -422,7 +434,8 @@ class _Loop:
 
     def step(self, collated: list[dict[str, torch.Tensor]]) -> None:
         """One optimizer step over ``collated`` micro-batches (gradient accumulation)."""
-        targets = sum(int(b["num_target_tokens"]) for b in collated)
+        local = sum(int(b["num_target_tokens"]) for b in collated)
+        targets = global_targets(local, self.world, self.runtime.device)
         step_loss = 0.0
         for index, batch in enumerate(collated):
             n = int(batch["num_target_tokens"])
@@ -431,9 +444,10 @@ class _Loop:
             sync = nullcontext() if last or self.world.size == 1 else self.net.no_sync()
             with sync:
                 loss = _forward_loss(self.net, _to_device(batch, self.runtime), self.runtime)
-                # Weight micro-batches by their target tokens so accumulation equals one big batch.
-                (loss * n / max(targets, 1)).backward()  # type: ignore[no-untyped-call]
-            step_loss += float(loss.detach()) * n / max(targets, 1)
+                # Weight every micro-batch of every rank by its share of the step's target tokens, so
+                # accumulation and the all-reduce (a mean over ranks, hence the world size) equal one big batch.
+                (loss * n * self.world.size / max(targets, 1)).backward()  # type: ignore[no-untyped-call]
+            step_loss += float(loss.detach()) * n / max(local, 1)
             self.state.tokens += int(batch["num_tokens"])
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.training.max_grad_norm)
         self.optimizer.step()
