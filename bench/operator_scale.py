@@ -219,6 +219,22 @@ def cleanup_namespace(api: k8s.ApiClient, namespace: str, timeout: float) -> dic
     return {"seconds": round(time.monotonic() - began, 1), "namespace_gone": deleted}
 
 
+def wait_for_a_clean_cluster(api: k8s.ApiClient, timeout: float) -> dict[str, Any]:
+    """Wait until no FineTune of an earlier run is left (a deleted namespace goes slowly at 1000 objects).
+
+    A fresh operator watches the whole cluster: leftovers would be reconciled, and written to, inside
+    the next measurement. Returns the wait and what was still there when it gave up (0: clean)."""
+    custom = k8s.CustomObjectsApi(api)
+    began = time.monotonic()
+
+    def left() -> int:
+        return len(custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"])
+
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: left() == 0, timeout, "the FineTunes of earlier runs to be gone", interval=2.0)
+    return {"waited_s": round(time.monotonic() - began, 1), "finetunes_left": left()}
+
+
 def run_size(
     cluster: Cluster, api: k8s.ApiClient, size: int, args: argparse.Namespace, workdir: Path
 ) -> dict[str, Any]:
@@ -227,6 +243,7 @@ def run_size(
     workdir.mkdir(parents=True)
     template = yaml.safe_load(MANIFEST.read_text(encoding="utf-8"))
     result: dict[str, Any] = {"size": size, "namespace": namespace}
+    result["clean_start"] = wait_for_a_clean_cluster(api, args.cleanup_timeout)
     setup_namespace(api, namespace)
 
     proxy = ProxyProcess.start(cluster, workdir)
@@ -448,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--create-concurrency", type=int, default=32, help="concurrent create calls (default 32)")
     parser.add_argument("--timeout", type=float, default=240, help="seconds to wait for all Jobs of one size")
     parser.add_argument("--settle", type=float, default=10, help="seconds to keep counting after the last Job")
-    parser.add_argument("--cleanup-timeout", type=float, default=120, help="seconds to wait for a namespace to go")
+    parser.add_argument(
+        "--cleanup-timeout", type=float, default=900, help="seconds to wait for a run's namespace to go (default 900)"
+    )
     parser.add_argument("--operator-log-level", default="INFO", help="the operator's --log-level (default INFO)")
     parser.add_argument(
         "--operator-workers", type=int, help="the operator's --workers (default: not passed, its own default)"

@@ -84,6 +84,15 @@ def api_message(e: ApiException) -> str:
         return str(e.reason)
 
 
+def field_paths(delta: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted paths of the leaves of a status patch (``progress.percent``), for the debug log."""
+    paths: list[str] = []
+    for key, value in delta.items():
+        path = f"{prefix}{key}"
+        paths.extend(field_paths(value, path + ".") if isinstance(value, dict) and value else [path])
+    return paths
+
+
 def summary_from_pods(pods: list[dict[str, Any]]) -> tuple[Summary | None, str | None]:
     """The newest trainer termination summary and container reason among the Job's pods."""
     best: tuple[str, Summary | None, str | None] | None = None
@@ -233,6 +242,8 @@ class FineTuneController:
                 return old
             self.kube.patch_status(PLURAL, meta_["namespace"], meta_["name"], delta)
             self.book.record(uid, new)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s/%s: status write: %s", meta_["namespace"], meta_["name"], ", ".join(field_paths(delta)))
         if new.get("phase") != old.get("phase"):
             self.phase_changed(obj, old, new)
         return new
