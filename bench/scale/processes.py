@@ -157,6 +157,8 @@ class OperatorProcess:
             "KUBETUNE_HEALTH_PORT": str(health_port),
             "MALLOC_ARENA_MAX": "2",  # as the operator image sets it
         }
+        if os.environ.get("PYTHONPATH"):
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]  # to measure another checkout's operator with this bench
         log_path = workdir / "operator.log"
         with log_path.open("ab") as out:
             popen = subprocess.Popen(
