@@ -702,6 +702,75 @@ def test_default_gates_require_strictly_beating_prompting() -> None:
 
 
 @pytest.mark.parametrize(
+    ("fine_tuned", "baseline", "better", "worse"),
+    [
+        ([1, 1, 0, 0], [1, 0, 1, 0], 1, 1),
+        ([1, 1, 1], [0, 0, 0], 3, 0),
+        ([0.5, 0.25], [0.25, 0.5], 1, 1),  # token_f1-like scores compare per example too
+        ([1, 0], [1, 0], 0, 0),
+    ],
+)
+def test_paired_counts_the_examples_each_side_won(
+    fine_tuned: list[float], baseline: list[float], better: int, worse: int
+) -> None:
+    assert evaluate.paired(fine_tuned, baseline) == (better, worse)
+
+
+@pytest.mark.parametrize(
+    ("better", "worse", "p"),
+    [
+        (0, 0, 1.0),  # a tie on every example: no evidence either way
+        (1, 0, 0.5),
+        (5, 0, 1 / 32),
+        (0, 5, 1.0),
+        (6, 2, 37 / 256),  # P(X >= 6), X ~ Binomial(8, 1/2) = (28 + 8 + 1) / 256
+        (10, 10, 0.5880985260009766),
+    ],
+)
+def test_sign_test_p(better: int, worse: int, p: float) -> None:
+    assert evaluate.sign_test_p(better, worse) == pytest.approx(p)
+
+
+def test_a_lift_gate_says_on_how_many_examples_the_fine_tune_won_and_lost() -> None:
+    report = _report(fine_tuned={"exact_match": 0.75}, prompted={"exact_match": 0.5})
+    report.candidates["fine_tuned"].per_example = {"exact_match": [1, 1, 1, 0]}
+    report.candidates["prompted"].per_example = {"exact_match": [1, 0, 0, 1]}
+    gate = GateConfig(metric="exact_match", min_lift_over=LiftOverConfig(baseline="prompted", by=0))
+    result = evaluate.evaluate_gate(gate, report)
+    assert result.passed
+    assert (result.better, result.worse, result.p_value) == (2, 1, 0.5)
+    assert result.message.endswith("better on 2, worse on 1 examples (one-sided sign test p=0.5)")
+    # Other gates, and lift gates on a metric without per-example scores (loss), are worded as before.
+    for other in (
+        GateConfig(metric="exact_match", min=0.5),
+        GateConfig(metric="loss", min_lift_over=LiftOverConfig(baseline="prompted", by=0)),
+    ):
+        plain = evaluate.evaluate_gate(other, report)
+        assert plain.better is None
+        assert "sign test" not in plain.message
+
+
+def test_misses_list_the_fine_tunes_wrong_answers_next_to_the_baselines() -> None:
+    examples = [
+        data.Example(({"role": "user", "content": f"ticket {i}"},), f"LABEL/{i}", f"heldout.jsonl:{i + 1}")
+        for i in range(3)
+    ]
+    report = _report(fine_tuned={"exact_match": 1 / 3}, prompted={"exact_match": 2 / 3})
+    report.candidates["fine_tuned"].per_example = {"exact_match": [1, 0, 0]}
+    report.candidates["fine_tuned"].predictions = ["LABEL/0", "LABEL/9", "a | b"]
+    report.candidates["prompted"].per_example = {"exact_match": [0, 1, 1]}
+    report.candidates["prompted"].predictions = ["x", "LABEL/1", "LABEL/2"]
+    report.misses = evaluate.misses(examples, report.candidates, "exact_match")
+    assert [m["source"] for m in report.misses] == ["heldout.jsonl:2", "heldout.jsonl:3"]
+    assert report.misses[0]["answers"] == {"fine_tuned": "LABEL/9", "prompted": "LABEL/1"}
+    assert report.misses[0]["exact_match"] == {"fine_tuned": 0, "prompted": 1}
+    assert evaluate.misses(examples, report.candidates, "exact_match", limit=1) == report.misses[:1]
+    text = evaluate.markdown(report)
+    assert "the first 2 of 2" in text
+    assert "| heldout.jsonl:3 | LABEL/2 | a \\| b | LABEL/2 |" in text
+
+
+@pytest.mark.parametrize(
     ("metric", "prediction", "reference", "score"),
     [
         ("exact_match", " Billing/Refund. ", "BILLING/REFUND", 1.0),

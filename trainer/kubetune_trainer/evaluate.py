@@ -113,6 +113,9 @@ class CandidateResult:
     samples: list[dict[str, str]] = field(default_factory=list)
     examples_per_second: float = 0.0
     batch_size: int = 1
+    # Per example, in the eval set's order: each text metric's score, and the answer itself.
+    per_example: dict[str, list[float]] = field(default_factory=dict)
+    predictions: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -123,6 +126,11 @@ class GateResult:
     threshold: float | None
     passed: bool
     message: str
+    # minLiftOver on a per-example metric: the examples the fine-tune scored higher and lower on than
+    # the baseline, and the one-sided sign test's p-value (how often chance alone would do as well).
+    better: int | None = None
+    worse: int | None = None
+    p_value: float | None = None
 
 
 @dataclass
@@ -135,6 +143,7 @@ class Report:
     general_perplexity: dict[str, float]
     prompt: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    misses: list[dict[str, Any]] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -146,6 +155,7 @@ class Report:
             "general_perplexity": self.general_perplexity,
             "prompt": self.prompt,
             "notes": self.notes,
+            "misses": self.misses,
         }
 
 
@@ -184,22 +194,24 @@ def score_candidate(
             predictions[i] = tokenizer.decode(out.tokens, skip_special_tokens=True).strip()
             latencies[i] = elapsed
     total = time.perf_counter() - started_all
-    sums = dict.fromkeys(text_metrics, 0.0)
+    per_example: dict[str, list[float]] = {m: [] for m in text_metrics}
     samples: list[dict[str, str]] = []
     for example, prediction in zip(examples, predictions, strict=True):
         for metric in text_metrics:
-            sums[metric] += TEXT_METRICS[metric](prediction, example.response)
+            per_example[metric].append(round(TEXT_METRICS[metric](prediction, example.response), 4))
         if len(samples) < 10:
             samples.append({"source": example.source, "prediction": prediction, "reference": example.response})
     n = max(len(examples), 1)
     return CandidateResult(
         name=name,
-        metrics={m: round(v / n, 4) for m, v in sums.items()},
+        metrics={m: round(sum(v) / n, 4) for m, v in per_example.items()},
         prompt_tokens_mean=round(sum(len(e) for e in encoded) / n, 1),
         latency_ms_mean=round(1000 * sum(latencies) / n, 2),
         samples=samples,
         examples_per_second=round(len(examples) / total, 2) if total > 0 else 0.0,
         batch_size=size,
+        per_example=per_example,
+        predictions=predictions,
     )
 
 
@@ -244,6 +256,34 @@ def text_perplexity(model: Any, tokenizer: Any, text: str, max_len: int, runtime
 # ----------------------------------------------------------------------------- gates
 
 
+def paired(fine_tuned: Sequence[float], baseline: Sequence[float]) -> tuple[int, int]:
+    """On how many examples the fine-tune scored higher, and lower, than a baseline (same examples, same order)."""
+    better = sum(1 for a, b in zip(fine_tuned, baseline, strict=True) if a > b)
+    worse = sum(1 for a, b in zip(fine_tuned, baseline, strict=True) if a < b)
+    return better, worse
+
+
+def sign_test_p(better: int, worse: int) -> float:
+    """One-sided exact sign test (McNemar's exact test when scores are 0 or 1).
+
+    Of the ``better + worse`` examples where the two differ, the chance that at least
+    ``better`` go the fine-tune's way if neither were better (each way with p = 1/2).
+    Ties carry no evidence either way; with no differing example the p-value is 1.
+    """
+    n = better + worse
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(better, n + 1)) / (1 << n)
+
+
+def _paired_with(report: Report, baseline: str, metric: str) -> tuple[int, int, float] | None:
+    mine, theirs = report.candidates.get("fine_tuned"), report.candidates.get(baseline)
+    if mine is None or theirs is None or metric not in mine.per_example or metric not in theirs.per_example:
+        return None
+    better, worse = paired(mine.per_example[metric], theirs.per_example[metric])
+    return better, worse, sign_test_p(better, worse)
+
+
 def _value(report: Report, candidate: str, metric: str) -> float | None:
     c = report.candidates.get(candidate)
     return None if c is None else c.metrics.get(metric)
@@ -276,9 +316,14 @@ def evaluate_gate(gate: GateConfig, report: Report) -> GateResult:
         # "by 0" means strictly better: a tie with the baseline is no reason to ship.
         ok = lift > 0 if by == 0 else lift >= by - 1e-12
         need = "> 0" if by == 0 else f">= {by}"
-        return result(
+        outcome = result(
             rule, threshold, ok, f"{metric} {value:.4f} vs {baseline} {other:.4f}: lift {lift:+.4f} (need {need})"
         )
+        if (pair := _paired_with(report, baseline, metric)) is not None:
+            outcome.better, outcome.worse, p = pair
+            outcome.p_value = round(p, 4)
+            outcome.message += f"; better on {pair[0]}, worse on {pair[1]} examples (one-sided sign test p={p:.3g})"
+        return outcome
     if gate.max_regression is not None:
         base = _value(report, "base", metric)
         rule = f"maxRegression {gate.max_regression}"
@@ -406,10 +451,59 @@ def run_evaluation(
         log.info("%s: %s", name, result.metrics)
 
     report = Report(cfg.headline, candidates, [], False, len(examples), perplexity, prompt_info, notes)
+    report.misses = misses(examples, candidates, cfg.headline)
     gates = cfg.gates or default_gates(cfg)
     report.gates = [evaluate_gate(g, report) for g in gates]
     report.passed = all(g.passed for g in report.gates)
     return report
+
+
+def misses(
+    examples: Sequence[Example], candidates: dict[str, CandidateResult], metric: str, limit: int = 20
+) -> list[dict[str, Any]]:
+    """The first ``limit`` eval examples the fine-tune did not get fully right on ``metric``, with every
+    candidate's answer and score: what a lift gate's verdict is made of."""
+    tuned = candidates.get("fine_tuned")
+    if tuned is None or metric not in tuned.per_example:
+        return []
+    scored = {n: c for n, c in candidates.items() if metric in c.per_example and c.predictions}
+    out: list[dict[str, Any]] = []
+    for i, score in enumerate(tuned.per_example[metric]):
+        if score >= 1.0:
+            continue
+        if len(out) == limit:
+            break
+        out.append(
+            {
+                "source": examples[i].source,
+                "reference": examples[i].response,
+                "answers": {n: c.predictions[i] for n, c in scored.items()},
+                metric: {n: c.per_example[metric][i] for n, c in scored.items()},
+            }
+        )
+    return out
+
+
+def _cell(text: str, width: int = 60) -> str:
+    one_line = " ".join(text.split()).replace("|", "\\|")
+    return one_line if len(one_line) <= width else one_line[: width - 1] + "…"
+
+
+def _misses_markdown(report: Report, shown: int = 10) -> list[str]:
+    if not report.misses:
+        return []
+    names = list(report.misses[0]["answers"])
+    lines = [
+        f"Held-out examples the fine-tune missed ({report.headline}; the first {min(shown, len(report.misses))} "
+        f"of {sum(1 for s in report.candidates['fine_tuned'].per_example[report.headline] if s < 1.0)}):",
+        "",
+        "| source | reference | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for miss in report.misses[:shown]:
+        answers = [_cell(miss["answers"][n]) or "(empty)" for n in names]
+        lines.append(f"| {miss['source']} | {_cell(miss['reference'])} | " + " | ".join(answers) + " |")
+    return [*lines, ""]
 
 
 def _prompt_info(
@@ -457,6 +551,7 @@ def markdown(report: Report) -> str:
         lines.append(f"| {g.metric} {g.rule} | {value} | {threshold} | {'pass' if g.passed else 'FAIL'}: {g.message} |")
     lines += ["", f"**{'PASSED' if report.passed else 'FAILED'}**", ""]
     lines += [f"Note: {n}." for n in report.notes] + ([""] if report.notes else [])
+    lines += _misses_markdown(report)
     if report.prompt:
         p = report.prompt
         labels = p.get("labels")
