@@ -222,7 +222,12 @@ def test_the_job_carries_the_resolved_config_and_no_credentials() -> None:
     ft, raw = finetune(
         training={"learningRate": "1e-4", "epochs": 2, "maxSeqLength": 512},
         method={"type": "DoRA", "lora": {"rank": 8, "dropout": "0.1"}},
-        evaluation={"gates": [{"metric": "exact_match", "minLiftOver": {"baseline": "prompted", "by": "0.05"}}]},
+        evaluation={
+            "gates": [
+                {"metric": "exact_match", "minLiftOver": {"baseline": "prompted", "by": "0.05"}},
+                {"metric": "token_f1", "minLiftOver": {"baseline": "base", "significance": "0.01"}},
+            ]
+        },
     )
     p = build.plan(ft, raw, None, SETTINGS)
     job = build.build_job(ft, p, SETTINGS)
@@ -235,7 +240,11 @@ def test_the_job_carries_the_resolved_config_and_no_credentials() -> None:
         "type": "DoRA",
         "lora": {"rank": 8, "alpha": 32, "dropout": 0.1, "target_modules": None, "last_layers": None},
     }
-    assert config["evaluation"]["gates"][0]["min_lift_over"] == {"baseline": "prompted", "by": 0.05}
+    lifts = [g["min_lift_over"] for g in config["evaluation"]["gates"]]
+    assert lifts == [
+        {"baseline": "prompted", "by": 0.05, "significance": None},
+        {"baseline": "base", "by": 0.0, "significance": 0.01},
+    ]
     assert config["storage"]["endpoint"] == "http://minio.storage:9000"
     assert config["lineage"] == {
         "namespace": "team-a",

@@ -750,6 +750,34 @@ def test_a_lift_gate_says_on_how_many_examples_the_fine_tune_won_and_lost() -> N
         assert "sign test" not in plain.message
 
 
+@pytest.mark.parametrize(
+    ("fine_tuned", "prompted", "significance", "passed", "why"),
+    [
+        # 5 wins, 0 losses: p = 1/32 = 0.031
+        ([1] * 10, [1] * 5 + [0] * 5, 0.05, True, "p=0.0312, need <= 0.05"),
+        ([1] * 10, [1] * 5 + [0] * 5, 0.01, False, "p=0.0312, need <= 0.01"),
+        # one ticket decides the lift: it passes "by 0" alone, not with a significance test
+        ([1] * 10, [1] * 9 + [0], None, True, "better on 1, worse on 0 examples (one-sided sign test p=0.5)"),
+        ([1] * 10, [1] * 9 + [0], 0.05, False, "p=0.5, need <= 0.05"),
+    ],
+)
+def test_a_lift_gate_with_significance_needs_a_win_chance_rarely_gives(
+    fine_tuned: list[int], prompted: list[int], significance: float | None, passed: bool, why: str
+) -> None:
+    n = len(fine_tuned)
+    report = _report(fine_tuned={"exact_match": sum(fine_tuned) / n}, prompted={"exact_match": sum(prompted) / n})
+    report.candidates["fine_tuned"].per_example = {"exact_match": [float(x) for x in fine_tuned]}
+    report.candidates["prompted"].per_example = {"exact_match": [float(x) for x in prompted]}
+    lift = LiftOverConfig(baseline="prompted", by=0, significance=significance)
+    result = evaluate.evaluate_gate(GateConfig(metric="exact_match", min_lift_over=lift), report)
+    assert result.passed is passed, result.message
+    assert why in result.message
+    assert result.rule == "minLiftOver prompted by 0.0" + ("" if significance is None else f" at p <= {significance}")
+    # However significant, a lift short of the margin fails.
+    short = LiftOverConfig(baseline="prompted", by=0.6, significance=0.05)
+    assert not evaluate.evaluate_gate(GateConfig(metric="exact_match", min_lift_over=short), report).passed
+
+
 def test_misses_list_the_fine_tunes_wrong_answers_next_to_the_baselines() -> None:
     examples = [
         data.Example(({"role": "user", "content": f"ticket {i}"},), f"LABEL/{i}", f"heldout.jsonl:{i + 1}")

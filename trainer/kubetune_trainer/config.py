@@ -118,6 +118,9 @@ class TrainingConfig(_Config):
 class LiftOverConfig(_Config):
     baseline: Literal["base", "prompted"] = Field(description="Baseline to beat.")
     by: float = Field(default=0.0, ge=0, description="Required margin.")
+    significance: float | None = Field(
+        default=None, gt=0, le=1, description="Largest p-value of the one-sided sign test that still passes."
+    )
 
 
 class GateConfig(_Config):

@@ -307,8 +307,9 @@ def evaluate_gate(gate: GateConfig, report: Report) -> GateResult:
         return result(f"max {gate.max}", gate.max, ok, f"{metric} {value:.4f} {'<=' if ok else '>'} {gate.max}")
     if gate.min_lift_over is not None:
         baseline, by = gate.min_lift_over.baseline, gate.min_lift_over.by
+        significance = gate.min_lift_over.significance
         other = _value(report, baseline, metric)
-        rule = f"minLiftOver {baseline} by {by}"
+        rule = f"minLiftOver {baseline} by {by}" + ("" if significance is None else f" at p <= {significance}")
         if other is None:
             return result(rule, None, False, f"baseline {baseline} has no {metric} score")
         threshold = other - by if lower_better else other + by
@@ -319,10 +320,17 @@ def evaluate_gate(gate: GateConfig, report: Report) -> GateResult:
         outcome = result(
             rule, threshold, ok, f"{metric} {value:.4f} vs {baseline} {other:.4f}: lift {lift:+.4f} (need {need})"
         )
-        if (pair := _paired_with(report, baseline, metric)) is not None:
+        pair = _paired_with(report, baseline, metric)
+        if pair is not None:
             outcome.better, outcome.worse, p = pair
             outcome.p_value = round(p, 4)
-            outcome.message += f"; better on {pair[0]}, worse on {pair[1]} examples (one-sided sign test p={p:.3g})"
+            outcome.message += f"; better on {pair[0]}, worse on {pair[1]} examples (one-sided sign test p={p:.3g}"
+            outcome.message += ")" if significance is None else f", need <= {significance})"
+        if significance is not None:
+            # Without per-example scores there is no test to pass (the API refuses such a gate).
+            outcome.passed = outcome.passed and pair is not None and pair[2] <= significance
+            if pair is None:
+                outcome.message += f"; no per-example {metric} scores to test the lift's significance"
         return outcome
     if gate.max_regression is not None:
         base = _value(report, "base", metric)

@@ -356,8 +356,31 @@ class Baselines(KubeModel):
 class LiftOver(KubeModel):
     """A minimum improvement over a baseline."""
 
+    __cel__: ClassVar[tuple[CEL, ...]] = (
+        CEL(
+            "!has(self.significance) || double(self.significance) > 0.0",
+            'significance must be above 0 (no lift is that certain), e.g. "0.05"',
+            field_path=".significance",
+        ),
+    )
+
     baseline: Literal["base", "prompted"] = Field(description="The baseline to beat.")
     by: Decimal = Field(default="0", description='Required margin, in the metric\'s units. Default "0".')
+    significance: Fraction | None = Field(
+        default=None,
+        description=(
+            "Also require a win that chance alone would rarely produce: the one-sided sign test over the "
+            "examples where the fine-tune and the baseline score differently (McNemar's exact test for "
+            'exact_match) must give a p-value of at most this, e.g. "0.05". Per-example metrics only '
+            "(not loss or perplexity). Unset: the margin alone decides."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _significance_above_zero(self) -> LiftOver:
+        if self.significance is not None and float(self.significance) <= 0.0:
+            raise ValueError('minLiftOver.significance must be above 0 (no lift is that certain), e.g. "0.05"')
+        return self
 
 
 class Gate(KubeModel):
@@ -377,6 +400,11 @@ class Gate(KubeModel):
             "!has(self.minLiftOver) || self.metric in ['loss', 'perplexity'] || double(self.minLiftOver.by) <= 1.0",
             "minLiftOver.by must be between 0 and 1 for this metric",
             field_path=".minLiftOver.by",
+        ),
+        CEL(
+            "!has(self.minLiftOver) || !has(self.minLiftOver.significance) || !(self.metric in ['loss', 'perplexity'])",
+            "minLiftOver.significance needs a per-example metric (loss and perplexity have no per-example scores)",
+            field_path=".minLiftOver.significance",
         ),
     )
 
@@ -406,6 +434,10 @@ class Gate(KubeModel):
                 raise ValueError(f"gate min must be between 0 and 1 for {self.metric}")
             if self.min_lift_over is not None and float(self.min_lift_over.by) > 1.0:
                 raise ValueError(f"gate minLiftOver.by must be between 0 and 1 for {self.metric}")
+        elif self.min_lift_over is not None and self.min_lift_over.significance is not None:
+            raise ValueError(
+                f"gate minLiftOver.significance needs a per-example metric ({self.metric} has no per-example scores)"
+            )
         return self
 
 

@@ -37,7 +37,11 @@ def _evaluation(evaluation: EvaluationSpec) -> tc.EvaluationConfig:
                 max=None if g.max is None else float(g.max),
                 min_lift_over=None
                 if g.min_lift_over is None
-                else tc.LiftOverConfig(baseline=g.min_lift_over.baseline, by=float(g.min_lift_over.by)),
+                else tc.LiftOverConfig(
+                    baseline=g.min_lift_over.baseline,
+                    by=float(g.min_lift_over.by),
+                    significance=None if g.min_lift_over.significance is None else float(g.min_lift_over.significance),
+                ),
                 max_regression=None if g.max_regression is None else float(g.max_regression),
             )
             for g in evaluation.gates
