@@ -321,16 +321,16 @@ def evaluate_gate(gate: GateConfig, report: Report) -> GateResult:
             rule, threshold, ok, f"{metric} {value:.4f} vs {baseline} {other:.4f}: lift {lift:+.4f} (need {need})"
         )
         pair = _paired_with(report, baseline, metric)
-        if pair is not None:
-            outcome.better, outcome.worse, p = pair
-            outcome.p_value = round(p, 4)
-            outcome.message += f"; better on {pair[0]}, worse on {pair[1]} examples (one-sided sign test p={p:.3g}"
-            outcome.message += ")" if significance is None else f", need <= {significance})"
-        if significance is not None:
-            # Without per-example scores there is no test to pass (the API refuses such a gate).
-            outcome.passed = outcome.passed and pair is not None and pair[2] <= significance
-            if pair is None:
+        if pair is None:
+            if significance is not None:  # nothing to test (the API refuses such a gate)
+                outcome.passed = False
                 outcome.message += f"; no per-example {metric} scores to test the lift's significance"
+            return outcome
+        better, worse, p = pair
+        outcome.better, outcome.worse, outcome.p_value = better, worse, round(p, 4)
+        outcome.message += f"; better on {better}, worse on {worse} examples (one-sided sign test p={p:.3g}"
+        outcome.message += ")" if significance is None else f", need <= {significance})"
+        outcome.passed = outcome.passed and (significance is None or p <= significance)
         return outcome
     if gate.max_regression is not None:
         base = _value(report, "base", metric)
