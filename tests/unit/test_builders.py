@@ -529,6 +529,20 @@ def test_failure_reasons_are_actionable(seen: st.Observation, reason: str) -> No
         assert new["adapter"]["promotable"] is False
 
 
+def test_a_published_run_succeeds_even_if_a_second_pod_of_it_failed_the_job() -> None:
+    """A Job deleted under a running pod is created again: the first pod publishes, the Job fails on the second."""
+    published = Summary.model_validate(SUMMARY_OK)
+    seen = st.Observation(job=job(failed=1, Failed="PodFailurePolicy"), summary=published)
+    new = st.observe({}, seen, generation=1, now=NOW)
+    assert new["phase"] == "Succeeded"
+    assert new["adapter"]["promotable"] is True
+    # Without an adapter a succeeded summary proves nothing about a failed Job.
+    bare = Summary(phase="Succeeded", reason="Succeeded", message="")
+    seen = st.Observation(job=job(failed=1, Failed="PodFailurePolicy"), summary=bare)
+    new = st.observe({}, seen, generation=1, now=NOW)
+    assert (new["phase"], cond(new, "Ready")["reason"]) == ("Failed", "TrainerFailed")
+
+
 def test_a_job_that_completes_without_a_summary_fails_with_a_reason() -> None:
     new = st.observe({}, st.Observation(job=job(succeeded=1, Complete="Completed")), generation=1, now=NOW)
     assert new["phase"] == "Failed"

@@ -656,6 +656,67 @@ def test_publish_is_write_once(tmp_path: Path) -> None:
     assert not (tmp_path / "published" / "c.bin").exists(), "a refused publish wrote something"
 
 
+def _two_pods_artifacts(tmp_path: Path, first: bytes, second: bytes) -> tuple[TrainerConfig, Path, Path]:
+    cfg = make_config(tmp_path, tmp_path / "model")
+    folders = []
+    for name, content in (("first", first), ("second", second)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(content)
+        folders.append(folder)
+    return cfg, folders[0], folders[1]
+
+
+def _manifest(cfg: TrainerConfig, folder: Path, created: str) -> dict[str, Any]:
+    files = {p.name: storage.sha256_file(p) for p in folder.iterdir()}
+    evaluation = {"summary": f"published at {created}"}
+    manifest = publish.build_manifest(
+        cfg, files=files, base_model_digest="sha256:0", data={}, training={}, evaluation=evaluation,
+        parameters={}, promotable=True,
+    )  # fmt: skip
+    return manifest | {"created": created}
+
+
+@pytest.mark.parametrize("second_bytes", [b"same weights", b"other weights"])
+def test_a_second_pod_of_a_run_adopts_the_manifest_the_first_published(tmp_path: Path, second_bytes: bytes) -> None:
+    """Two pods of one run (a Job created again under a pod still running): the first to publish wins.
+
+    The second one's manifest differs in its timestamps, and on a GPU its weights may too;
+    either way it reports the published result instead of failing on write-once files.
+    """
+    cfg, first, second = _two_pods_artifacts(tmp_path, b"same weights", second_bytes)
+    settings = storage.S3Settings()
+    ours = _manifest(cfg, first, "t1")
+    assert publish.publish_or_adopt(first, ours, cfg, settings, wait_seconds=0) == ours
+    stored = local(storage.join(cfg.output_uri, "manifest.json")).read_bytes()
+    adopted = publish.publish_or_adopt(second, _manifest(cfg, second, "t2"), cfg, settings, wait_seconds=0)
+    assert adopted["created"] == "t1"
+    assert adopted["artifact"]["digest"] == ours["artifact"]["digest"]
+    assert local(storage.join(cfg.output_uri, "manifest.json")).read_bytes() == stored
+
+
+def test_a_refused_publish_waits_for_the_other_pods_manifest_then_fails_without_one(tmp_path: Path) -> None:
+    import threading
+
+    cfg, first, second = _two_pods_artifacts(tmp_path, b"weights of pod one", b"weights of pod two")
+    settings = storage.S3Settings()
+    ours = _manifest(cfg, first, "t1")
+    storage.publish_dir(first, storage.join(cfg.output_uri, "adapter"), settings)  # pod one, before its manifest
+    late = threading.Timer(0.3, publish.publish, (first, ours, cfg, settings))
+    late.start()
+    adopted = publish.publish_or_adopt(second, _manifest(cfg, second, "t2"), cfg, settings, poll_seconds=0.05)
+    late.join()
+    assert adopted["created"] == "t1"
+
+    other = make_config(tmp_path / "other", tmp_path / "model")
+    storage.publish_dir(first, storage.join(other.output_uri, "adapter"), settings)  # a pod that died mid-publish
+    started = time.monotonic()
+    with pytest.raises(storage.WriteOnceError, match="already exists with different content"):
+        publish.publish_or_adopt(second, _manifest(other, second, "t2"), other, settings, wait_seconds=0.3,
+                                 poll_seconds=0.05)  # fmt: skip
+    assert 0.3 <= time.monotonic() - started < 5
+
+
 def _report(**candidates: dict[str, float]) -> evaluate.Report:
     return evaluate.Report(
         headline="exact_match",

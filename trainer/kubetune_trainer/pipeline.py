@@ -358,10 +358,12 @@ def _publish(
         promotable=passed,
     )
     try:
-        _durably(cfg, progress, "publishing", lambda: publish.publish(artifact, manifest, cfg, settings))
+        manifest = _durably(
+            cfg, progress, "publishing", lambda: publish.publish_or_adopt(artifact, manifest, cfg, settings)
+        )
     except storage.WriteOnceError as e:
         raise RunError(ExitCode.BAD_INPUT, "ArtifactConflict", str(e)) from e
-    progress.stage("done", evaluation.summary)
+    progress.stage("done", str((manifest.get("evaluation") or {}).get("summary") or evaluation.summary))
     progress.close()
     return manifest
 

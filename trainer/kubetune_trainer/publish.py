@@ -11,8 +11,10 @@ reproduce it.
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import shutil
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,10 @@ from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.contract import now_iso
 
 MANIFEST_KIND = "kubetune.io/adapter-manifest/v1"
+ANOTHER_POD_WAIT_SECONDS = 60.0
+"""How long a refused publish waits for the manifest of another pod of the same run."""
+
+log = logging.getLogger(__name__)
 
 
 def package_versions() -> dict[str, str]:
@@ -116,6 +122,38 @@ def publish(local_artifact: Path, manifest: dict[str, Any], cfg: TrainerConfig, 
     staging.mkdir(parents=True)
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     storage.publish_dir(staging, cfg.output_uri, settings)
+
+
+def publish_or_adopt(
+    local_artifact: Path,
+    manifest: dict[str, Any],
+    cfg: TrainerConfig,
+    settings: storage.S3Settings,
+    *,
+    wait_seconds: float = ANOTHER_POD_WAIT_SECONDS,
+    poll_seconds: float = 1.0,
+) -> dict[str, Any]:
+    """Publish; the manifest that stands for the run: this pod's, or the one another pod published first.
+
+    Two pods of one run can train at once: a Job deleted while its pod is still running
+    (a slow or unreachable node) is created again by the operator. The first to publish
+    wins and the other reports that run's result instead of failing on write-once files
+    (its own manifest differs at least in its timestamps). A refused publish whose run
+    has no manifest within ``wait_seconds`` is a real conflict: the error is raised.
+    """
+    try:
+        publish(local_artifact, manifest, cfg, settings)
+        return manifest
+    except storage.WriteOnceError:
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            published = published_manifest(cfg, settings)
+            if published is not None and published.get("runId") == cfg.run_id:
+                log.info("another pod of run %s published first; reporting its result", cfg.run_id)
+                return published
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(poll_seconds)
 
 
 def published_manifest(cfg: TrainerConfig, settings: storage.S3Settings) -> dict[str, Any] | None:

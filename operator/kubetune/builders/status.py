@@ -175,7 +175,10 @@ def _verdict(status: dict[str, Any], seen: Observation) -> _Verdict:
     summary = seen.summary
     complete = job is not None and _job_condition(job, "Complete") is not None
     failed = _job_condition(job, "Failed") if job is not None else None
-    if complete and summary is not None and summary.phase == "Succeeded":
+    published = summary is not None and summary.phase == "Succeeded" and summary.adapter is not None
+    # A published run succeeded even when another pod of it failed the Job afterwards
+    # (two pods of one run: a Job deleted under a still-running pod and created again).
+    if summary is not None and summary.phase == "Succeeded" and (complete or (failed and published)):
         return _Verdict("Succeeded", "Succeeded", summary.message or "fine-tune published")
     if complete or failed:
         reason = summary.reason if summary is not None else ""
