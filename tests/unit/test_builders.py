@@ -100,6 +100,7 @@ def test_command_mounts_and_restricted_security() -> None:
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["automountServiceAccountToken"] is False
+    assert pod["shareProcessNamespace"] is True  # the trainer is not PID 1: an early SIGTERM is not lost
     assert pod["restartPolicy"] == "Never"
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["config"]["downwardAPI"]["items"][0]["path"] == "config.json"

@@ -385,10 +385,11 @@ class TerminatedError(Exception):
 def stop_on_sigterm() -> None:
     """Turn SIGTERM into :class:`TerminatedError` in the main thread, so the run stops at once.
 
-    In a container the trainer is PID 1, and the kernel does not deliver a signal
-    to a namespace's init unless it has a handler: without this, a suspended or
-    preempted trainer would go on training (and could publish) for the whole
-    grace period, until the kubelet's SIGKILL.
+    Where the trainer is PID 1 (a container without an init; training pods share
+    their process namespace so the pause container is theirs), the kernel does not
+    deliver a signal to a namespace's init unless it has a handler: without this, a
+    suspended or preempted trainer would go on training (and could publish) for the
+    whole grace period, until the kubelet's SIGKILL.
     """
 
     def handler(signum: int, frame: object) -> None:

@@ -261,6 +261,10 @@ def _pod_spec(finetune: FineTune, job: str, plan: Plan, settings: OperatorSettin
         "restartPolicy": "Never",  # the Job, not the kubelet, retries: podFailurePolicy needs Never
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
+        # The pause container is the pod's init, so the trainer is not PID 1: a SIGTERM that comes
+        # before Python has installed its handler (a Job deleted as its pod starts) stops it at once
+        # instead of being ignored, which left a second pod of the run training until SIGKILL.
+        "shareProcessNamespace": True,
         "securityContext": restricted_pod(settings.run_as_user),
         "containers": [container],
         "volumes": [
