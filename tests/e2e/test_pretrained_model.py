@@ -47,12 +47,14 @@ def test_smollm2_finetune_beats_the_prompted_baseline_through_the_operator(
     doc = example(
         "smollm2-router",
         baseModel={"uri": smollm2_in_s3},
-        method={"type": "LoRA", "lora": {"rank": 16, "alpha": 32}},
-        # Measured with `kubetune run` on this machine: exact_match 0.42 vs 0.17 for the stratified 8-shot
-        # prompt, perplexity +18.5% (16 steps at batch 4 and lr 2e-3 gave 0.33 vs 0.17 and +54%).
+        # The last 12 of 30 blocks: the backward pass stops there, so a step costs about half as much.
+        method={"type": "LoRA", "lora": {"rank": 16, "alpha": 32, "lastLayers": 12}},
+        # Measured with `kubetune run` on this machine (128 s of training, 199 s in all): exact_match 0.54
+        # vs 0.125 for the stratified 8-shot prompt (better on 10 tickets, worse on none), perplexity +15%.
+        # All 30 blocks at lr 1e-3 for 24 steps gave 0.42 vs 0.17 in 330 s of training.
         training={
-            "maxSteps": 24,
-            "learningRate": "1e-3",
+            "maxSteps": 16,
+            "learningRate": "4e-3",
             "batchSize": 8,
             "maxSeqLength": 256,
             "checkpointEverySteps": 8,
