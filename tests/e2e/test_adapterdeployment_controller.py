@@ -28,6 +28,7 @@ from tests.e2e.helpers import (
     example,
     get,
     image_refs,
+    list_items,
     phase_in,
     pods,
     quick,
@@ -55,12 +56,9 @@ def adep_status(cluster: Cluster, ns: str, adep: str = SERVED) -> dict[str, Any]
 
 
 def stable_pods(cluster: Cluster, ns: str, adep: str = SERVED) -> list[dict[str, Any]]:
-    out = cluster.kubectl(
-        "get", "pods", "-n", ns, "-l", f"kubetune.io/adapterdeployment={adep},kubetune.io/role=stable", "-o", "json"
-    )
     return [
         p
-        for p in json.loads(out.stdout)["items"]
+        for p in list_items(cluster, ns, "pods", f"kubetune.io/adapterdeployment={adep},kubetune.io/role=stable")
         if not p["metadata"].get("deletionTimestamp")
         and any(c.get("type") == "Ready" and c.get("status") == "True" for c in p["status"].get("conditions") or [])
     ]
@@ -298,8 +296,8 @@ def test_a_good_second_adapter_is_promoted_through_a_canary_and_a_revert_cuts_ba
 
 
 def eval_jobs(cluster: Cluster, ns: str, adep: str) -> list[dict[str, Any]]:
-    out = cluster.kubectl("get", "jobs", "-n", ns, "-l", f"kubetune.io/adapterdeployment={adep}", "-o", "json")
-    return [j for j in json.loads(out.stdout)["items"] if "-eval" in j["metadata"]["name"]]
+    jobs = list_items(cluster, ns, "jobs", f"kubetune.io/adapterdeployment={adep}")
+    return [j for j in jobs if "-eval" in j["metadata"]["name"]]
 
 
 @pytest.mark.real_node

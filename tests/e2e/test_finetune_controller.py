@@ -46,15 +46,24 @@ from tests.e2e.helpers import (
 
 @pytest.mark.real_node
 def test_a_training_pod_runs_restricted_as_seen_from_inside(cluster: Cluster, operator: Operator, tenant: str) -> None:
-    """The trainer itself (PID 1 of its container) is uid 65532 with no capabilities, on a read-only root."""
+    """The trainer itself is uid 65532 with no capabilities, on a read-only root; the pod's init is pause.
+
+    Training pods share their process namespace, so the trainer is not PID 1 (a SIGTERM that comes
+    before its handler stops it): the script finds it by its command line.
+    """
     ns = tenant
     apply(cluster, ns, quick("inside", training={"epochs": 8}))
     job = wait_for("the Job", lambda: jobs(cluster, ns))[0]["metadata"]["name"]
     pod = wait_for("the running trainer pod", lambda: running_pod(cluster, ns, job), timeout=300)
     script = r"""
         echo "uid=$(id -u) gid=$(id -g)"
-        grep -E '^(Uid|Gid|CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):' /proc/1/status
-        echo "cmdline=$(tr '\0' ' ' < /proc/1/cmdline)"
+        wanted="kubetune-trainer"" run"  # split: this script's own command line must not match
+        for p in /proc/[0-9]*; do
+            if tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q "$wanted"; then pid=${p#/proc/}; break; fi
+        done
+        grep -E '^(Uid|Gid|CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):' "/proc/$pid/status"
+        echo "cmdline=$(tr '\0' ' ' < "/proc/$pid/cmdline")"
+        echo "init=$(tr '\0' ' ' < /proc/1/cmdline)"
         awk '$2 == "/" { print "rootmount=" $4 }' /proc/mounts
         if touch /probe 2>/dev/null; then echo root=writable; else echo root=read-only; fi
         if touch /scratch/probe; then echo scratch=writable; fi
@@ -62,6 +71,7 @@ def test_a_training_pod_runs_restricted_as_seen_from_inside(cluster: Cluster, op
     out = cluster.kubectl("exec", pod, "-n", ns, "-c", "trainer", "--", "sh", "-c", script).stdout
     facts = dict(re.findall(r"^(\w+)[:=]\s*(.*?)\s*$", out, flags=re.MULTILINE))
     assert "kubetune-trainer run --config" in facts["cmdline"], out
+    assert "pause" in facts["init"], out  # the pod's init, not the trainer
     assert facts["Uid"].split() == ["65532"] * 4, out  # real, effective, saved, filesystem
     assert facts["Gid"].split() == ["65532"] * 4, out
     assert facts["uid"] == "65532 gid=65532", out

@@ -17,17 +17,17 @@ from typing import Any
 import pytest
 
 from tests.cluster import Cluster
-from tests.e2e.helpers import HostOperator, apply, example, jobs, status, wait_for
+from tests.e2e.helpers import HostOperator, apply, example, get, jobs, status, wait_for
 
 LEASE = "kubetune-operator"
 pytestmark = pytest.mark.usefixtures("crds", "seeded_s3", "no_operator")
 
 
 def lease(cluster: Cluster, namespace: str) -> dict[str, Any] | None:
-    found = cluster.kubectl("get", "lease", LEASE, "-n", namespace, "-o", "json", check=False)
-    if found.returncode != 0:
+    found = get(cluster, namespace, "lease", LEASE)
+    if found is None:
         return None
-    spec: dict[str, Any] = json.loads(found.stdout)["spec"]
+    spec: dict[str, Any] = found["spec"]
     return spec
 
 
