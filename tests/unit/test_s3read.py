@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from unittest import mock
 
@@ -53,6 +58,94 @@ def test_an_unreachable_store_is_a_storage_error_quickly() -> None:
     settings = storage.S3Settings(endpoint="http://127.0.0.1:9", access_key="a", secret_key="b")
     with pytest.raises(storage.StorageError):
         S3Reader(connect_timeout=0.5, read_timeout=0.5).get("s3://b/k.json", settings)
+
+
+@dataclass
+class Store:
+    """A loopback HTTP server that answers each GET with ``body``; it counts connections and can misbehave."""
+
+    body: bytes
+    close_after: int = 0  # close each connection after this many answers (0: keep it)
+    delay: float = 0.0  # seconds before answering
+    connections: int = 0
+    requests: int = 0
+    sock: socket.socket = field(default_factory=socket.socket)
+
+    @property
+    def settings(self) -> storage.S3Settings:
+        return storage.S3Settings(endpoint=f"http://127.0.0.1:{self.sock.getsockname()[1]}", access_key="a",
+                                  secret_key="b")  # fmt: skip
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self.answer, args=(conn,), daemon=True).start()
+
+    def answer(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as requests:
+            answered = 0
+            while requests.readline():  # a request line
+                while requests.readline() not in (b"\r\n", b""):
+                    pass
+                self.requests += 1
+                time.sleep(self.delay)
+                head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(self.body)}\r\n\r\n".encode()
+                conn.sendall(head + self.body)
+                answered += 1
+                if self.close_after and answered >= self.close_after:
+                    return
+
+
+@pytest.fixture
+def store() -> Iterator[Store]:
+    server = Store(b'{"step": 3}')
+    server.sock.bind(("127.0.0.1", 0))
+    server.sock.listen()
+    threading.Thread(target=server.serve, daemon=True).start()
+    yield server
+    server.sock.close()
+
+
+def test_many_reads_share_one_kept_connection(store: Store) -> None:
+    reader = S3Reader()
+    for _ in range(5):
+        assert json.loads(reader.get("s3://b/progress.json", store.settings)) == {"step": 3}
+    assert store.requests == 5
+    assert store.connections == 1, "each read opened a connection of its own"
+
+
+def test_a_kept_connection_the_store_closed_is_replaced_without_an_error(store: Store) -> None:
+    store.close_after = 1
+    reader = S3Reader()
+    for _ in range(3):
+        assert json.loads(reader.get("s3://b/progress.json", store.settings)) == {"step": 3}
+        time.sleep(0.05)  # the store's close reaches the kept connection
+    assert store.requests == 3
+    assert store.connections == 3
+
+
+def test_a_body_over_the_limit_fails_and_the_next_read_is_whole(store: Store) -> None:
+    store.body = b"x" * 100
+    reader = S3Reader(max_bytes=20)
+    with pytest.raises(storage.StorageError, match="larger than 20 bytes"):
+        reader.get("s3://b/big.json", store.settings)
+    store.body = b'{"step": 4}'
+    assert json.loads(reader.get("s3://b/progress.json", store.settings)) == {"step": 4}
+
+
+def test_a_store_that_answers_too_slowly_is_not_asked_twice(store: Store) -> None:
+    reader = S3Reader(read_timeout=0.3)
+    reader.get("s3://b/progress.json", store.settings)  # a kept connection now
+    store.delay = 1.0
+    started = time.monotonic()
+    with pytest.raises(storage.StorageError, match="did not answer"):
+        reader.get("s3://b/progress.json", store.settings)
+    assert time.monotonic() - started < 0.9
+    assert store.requests == 2
 
 
 @pytest.fixture
