@@ -146,20 +146,3 @@ def test_a_store_that_answers_too_slowly_is_not_asked_twice(store: Store) -> Non
         reader.get("s3://b/progress.json", store.settings)
     assert time.monotonic() - started < 0.9
     assert store.requests == 2
-
-
-@pytest.fixture
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> object:
-    """moto's S3 server on loopback, a bucket, and settings with explicit credentials."""
-    from tests.cluster.s3 import S3Server
-
-    server = S3Server.start(tmp_path_factory.mktemp("s3"))
-    try:
-        server.wait_ready()
-        server.create_bucket("adapters")
-        settings = storage.S3Settings(endpoint=server.endpoint_url, access_key="a", secret_key="b", attempts=2)
-        yield "s3://adapters/team-a/run/progress.json", settings
-    finally:
-        from tests.cluster.procs import stop_all
-
-        stop_all([server.service])

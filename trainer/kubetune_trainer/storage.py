@@ -13,8 +13,10 @@ Everything kubetune reads or writes is named by a URI:
 
 Published artifacts are write-once: writing a different file over an existing
 one is refused (:class:`WriteOnceError`); writing the same bytes again is a
-no-op, so a retried publish converges. Every object records its sha256, which
-is what digests are built from.
+no-op, so a retried publish converges. The write itself is conditional where
+the store can make it so (S3's ``If-None-Match: *``, a hard link in a folder),
+so of two writers that both found a key free only the first lands. Every
+object records its sha256, which is what digests are built from.
 
 This module is light (boto3, no torch) so the operator can read progress and
 reports with it.
@@ -173,6 +175,10 @@ class Store(ABC):
     def upload(self, src: Path, key: str, *, sha256: str) -> None: ...
 
     @abstractmethod
+    def upload_new(self, src: Path, key: str, *, sha256: str) -> bool:
+        """Upload ``src`` only where ``key`` does not exist; False when it does (nothing written then)."""
+
+    @abstractmethod
     def list(self, prefix: str) -> list[str]:
         """Keys under ``prefix`` (full keys, sorted)."""
 
@@ -220,6 +226,24 @@ class FileStore(Store):
         tmp = path.with_name(path.name + ".part")
         shutil.copyfile(src, tmp)
         tmp.replace(path)
+
+    def upload_new(self, src: Path, key: str, *, sha256: str) -> bool:
+        """A hard link from a private copy: it fails if the name exists, atomically, on local and NFS folders."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.part")
+        shutil.copyfile(src, tmp)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links: check, then rename (not atomic)
+            if path.exists():
+                return False
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
 
     def list(self, prefix: str) -> list[str]:
         base = self._path(prefix) if prefix else self.root
@@ -287,7 +311,8 @@ class S3Store(Store):
             raise NotFoundError(f"s3://{self.bucket}/{what} does not exist") from error
         if code == "NoSuchBucket":
             raise NotFoundError(f"bucket {self.bucket!r} does not exist") from error
-        if status < 500 and code not in ("SlowDown", "RequestTimeout", "Throttling"):
+        # ConditionalRequestConflict (409): another conditional write of the key is in flight; ask again.
+        if status < 500 and code not in ("SlowDown", "RequestTimeout", "Throttling", "ConditionalRequestConflict"):
             raise StorageError(f"s3://{self.bucket}/{what}: {code or status}: {error}") from error
         return cast(Exception, error)
 
@@ -318,6 +343,36 @@ class S3Store(Store):
                 str(src), self.bucket, key, ExtraArgs={"Metadata": {"sha256": sha256}}, Config=self.transfer
             ),
         )
+
+    def upload_new(self, src: Path, key: str, *, sha256: str) -> bool:
+        """A PUT with ``If-None-Match: *`` (AWS, MinIO, Ceph RGW refuse it with 412 when the key exists).
+
+        Above the multipart threshold the upload is checked first and then written, not atomically:
+        s3transfer's multipart uploads take no condition. A store that ignores the header overwrites,
+        as an unconditional PUT would.
+        """
+        from botocore.exceptions import ClientError
+
+        if src.stat().st_size > MULTIPART_THRESHOLD:
+            if self.stored_sha256(key) is not None:
+                return False
+            self.upload(src, key, sha256=sha256)
+            return True
+
+        def put() -> bool:
+            with src.open("rb") as body:
+                try:
+                    self.client.put_object(
+                        Bucket=self.bucket, Key=key, Body=body, Metadata={"sha256": sha256}, IfNoneMatch="*"
+                    )
+                except ClientError as e:
+                    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                    if e.response.get("Error", {}).get("Code") == "PreconditionFailed" or status == 412:
+                        return False
+                    raise
+            return True
+
+        return self._call(key, put)
 
     def list(self, prefix: str) -> list[str]:
         def pages() -> list[str]:
@@ -468,7 +523,9 @@ def publish_dir(src: Path, uri: str, settings: S3Settings | None = None) -> dict
     """Upload a folder write-once; returns relative path -> sha256.
 
     Every file is checked before anything is written, so a refused publish
-    leaves the store as it was.
+    leaves the store as it was. Each write is conditional too: a writer that
+    checked at the same time as another and lost the race finds the other's
+    file in place, and is refused unless it holds the same bytes.
     """
     loc = resolve(uri, settings)
     files = {p.relative_to(src).as_posix(): sha256_file(p) for p in sorted(src.rglob("*")) if p.is_file()}
@@ -483,5 +540,12 @@ def publish_dir(src: Path, uri: str, settings: S3Settings | None = None) -> dict
                 f"{digest[:12]}...); published artifacts are never overwritten"
             )
     for rel in pending:
-        loc.store.upload(src / rel, loc.child(rel).key, sha256=files[rel])
+        key = loc.child(rel).key
+        if not loc.store.upload_new(src / rel, key, sha256=files[rel]):
+            existing = loc.store.stored_sha256(key)
+            if existing != files[rel]:
+                raise WriteOnceError(
+                    f"{join(uri, rel)} was written by another writer meanwhile, with different content (sha256 "
+                    f"{str(existing)[:12]}... != {files[rel][:12]}...); published artifacts are never overwritten"
+                )
     return files
