@@ -159,6 +159,7 @@ def test_reference_server_deployment() -> None:
     pod = d["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["automountServiceAccountToken"] is False
+    assert pod["shareProcessNamespace"] is True  # the server is not PID 1: an early SIGTERM is not lost
     init_env = {e["name"]: e for e in pod["initContainers"][0]["env"]}
     assert init_env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
         "name": "s3-credentials",
@@ -181,6 +182,7 @@ def test_online_eval_job() -> None:
     assert command[command.index("--endpoint") + 1] == "http://10.0.0.7:8000"
     assert command[command.index("--min") + 1] == "0.8"
     assert job["metadata"]["name"] == "support-bot-eval-r4"
+    assert job["spec"]["template"]["spec"]["shareProcessNamespace"] is True
 
 
 def test_pvc_base_model_and_adapter_are_mounted_where_fetch_reads_them() -> None:

@@ -316,6 +316,10 @@ def build_deployment(
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
+        # The pause container is the pod's init, not the server: a SIGTERM during a long model load
+        # (a canary rolled back as it starts) stops it at once rather than after the grace period, and
+        # the server's worker processes (vLLM's engine) are reaped when they exit.
+        "shareProcessNamespace": True,
         "securityContext": restricted_pod(settings.run_as_user),
         "initContainers": init,
         "containers": [server],
@@ -436,6 +440,7 @@ def build_online_eval_job(
                 "spec": {
                     "restartPolicy": "Never",
                     "automountServiceAccountToken": False,
+                    "shareProcessNamespace": True,  # as in the serving pods: an early SIGTERM is not lost
                     "securityContext": restricted_pod(settings.run_as_user),
                     "containers": [
                         {
