@@ -510,6 +510,29 @@ def _write(path: Path, lines: list[str]) -> str:
     return f"file://{path}"
 
 
+@pytest.mark.parametrize(
+    ("dataset", "names"),
+    [
+        (
+            {"train": "s3://b/t/train.jsonl", "validation": "s3://b/t/val.jsonl", "eval": "s3://b/t/heldout.jsonl"},
+            {"train": "train.jsonl", "validation": "val.jsonl", "eval": "heldout.jsonl"},
+        ),
+        ({"train": "pvc://data/tickets.jsonl", "validation": None, "eval": None}, {"train": "tickets.jsonl"}),
+        (
+            {
+                "train": "s3://b/2026-10/data.jsonl",
+                "validation": "s3://b/val.jsonl",
+                "eval": "s3://b/2026-11/data.jsonl",
+            },
+            {"train": "s3://b/2026-10/data.jsonl", "validation": "val.jsonl", "eval": "s3://b/2026-11/data.jsonl"},
+        ),
+    ],
+)
+def test_data_files_are_named_as_the_user_named_them(dataset: dict[str, str], names: dict[str, str]) -> None:
+    cfg = make_config(Path("/tmp"), Path("/tmp/model"), dataset=dataset)
+    assert pipeline.data_file_names(cfg) == names
+
+
 GOOD = [
     json.dumps({"prompt": f"Route this support ticket: case {i} about item {i * 7}", "response": "BILLING/REFUND"})
     for i in range(30)
@@ -519,7 +542,7 @@ GOOD = [
 @pytest.mark.parametrize(
     ("case", "reason", "needle"),
     [
-        ("malformed-json", "DataInvalid", "train.jsonl:3"),
+        ("malformed-json", "DataInvalid", "tickets.jsonl:3"),  # the user's file name, not the fetched copy's
         ("wrong-fields", "DataInvalid", "train.jsonl:1"),
         ("empty-after-curation", "DataInvalid", "too_long"),
         ("eval-inside-train", "DataInvalid", "eval_leakage"),
@@ -541,7 +564,7 @@ def test_bad_input_fails_fast_naming_the_problem(
         lines = list(GOOD)
         lines[2] = '{"prompt": "broken'
         lines[5] = "not json at all"
-        train_uri = _write(tmp_path / "train.jsonl", lines)
+        train_uri = _write(tmp_path / "tickets.jsonl", lines)
     elif case == "wrong-fields":
         train_uri = _write(tmp_path / "train.jsonl", [json.dumps({"question": "q", "answer": "a"})] * 5)
     elif case == "empty-after-curation":

@@ -86,11 +86,17 @@ _FORMAT_KEYS = {
 _MAX_LINES_IN_ERROR = 5
 
 
-def load_jsonl(path: Path, fmt: Format = "auto", *, max_invalid_fraction: float = 0.05) -> LoadResult:
-    """Parse ``path`` into examples; raise ``DataError`` when it is unusable."""
+def load_jsonl(
+    path: Path, fmt: Format = "auto", *, max_invalid_fraction: float = 0.05, name: str | None = None
+) -> LoadResult:
+    """Parse ``path`` into examples; raise ``DataError`` when it is unusable.
+
+    ``name``: what errors and examples' sources call the file (``name:line``); the file's own name by
+    default. A fetched copy passes the name the user gave it, not the copy's.
+    """
     if fmt not in get_args(Format):
         raise ValueError(f"unknown format {fmt!r}")
-    name = path.name
+    name = name or path.name
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

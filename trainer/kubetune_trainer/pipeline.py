@@ -55,6 +55,14 @@ def _settings(cfg: TrainerConfig) -> storage.S3Settings:
     return storage.S3Settings(endpoint=cfg.storage.endpoint, region=cfg.storage.region, attempts=cfg.storage.attempts)
 
 
+def data_file_names(cfg: TrainerConfig) -> dict[str, str]:
+    """What messages and reports call each split's file (``name:line``): the user's file name, or the whole
+    URI where two splits' files share a name (``s3://a/data.jsonl`` and ``s3://b/data.jsonl``)."""
+    uris = {split: uri for split in ("train", "validation", "eval") if (uri := getattr(cfg.dataset, split))}
+    short = {split: storage.uri_name(uri) for split, uri in uris.items()}
+    return {split: uris[split] if list(short.values()).count(name) > 1 else name for split, name in short.items()}
+
+
 def prepare(
     cfg: TrainerConfig, tokenizer: Any, progress: ProgressReporter, *, write_report: bool = True
 ) -> tuple[Any, dict[str, Any]]:
@@ -64,6 +72,7 @@ def prepare(
     settings = _settings(cfg)
     work = Path(cfg.work_dir) / "data"
     loaded: dict[str, data.LoadResult] = {}
+    names = data_file_names(cfg)
     for split in ("train", "validation", "eval"):
         uri = getattr(cfg.dataset, split)
         if uri is None:
@@ -75,7 +84,7 @@ def prepare(
             raise RunError(ExitCode.BAD_INPUT, "DataNotFound", f"dataset.{split}: {e}") from e
         except storage.InvalidURIError as e:
             raise RunError(ExitCode.BAD_INPUT, "ConfigInvalid", f"dataset.{split}: {e}") from e
-        loaded[split] = data.load_jsonl(local, cfg.dataset.format)
+        loaded[split] = data.load_jsonl(local, cfg.dataset.format, name=names[split])
 
     data.ensure_chat_template(tokenizer)
     max_tokens = cfg.dataset.curation.max_tokens or cfg.training.max_seq_length

@@ -87,6 +87,11 @@ def digest_of_dir(root: Path) -> tuple[str, dict[str, str]]:
     return digest_of_files(files), files
 
 
+def uri_name(uri: str) -> str:
+    """The last segment of a URI's path (``s3://b/data/train.jsonl`` -> ``train.jsonl``), else the URI."""
+    return urlparse(uri).path.rstrip("/").rsplit("/", 1)[-1] or uri
+
+
 def join(uri: str, *parts: str) -> str:
     """Join URI path segments with exactly one slash between them."""
     out = uri.rstrip("/")
