@@ -66,25 +66,25 @@ def test_upload_new_writes_once_and_keeps_the_first(output: tuple[str, Any], tmp
     assert loc.store.list(storage.resolve(uri, settings).key) == [loc.key], "a temporary file was left behind"
 
 
-def test_the_loser_of_a_race_with_other_weights_is_refused(
-    output: tuple[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("weights_b", "refused"),
+    [
+        (b"weights of pod b (a GPU run differs)", True),  # the loser is refused; the winner's file stays
+        (b"weights of pod a", False),  # the same bytes: the loser's publish converges on the winner's
+    ],
+    ids=["other-weights-refused", "same-weights-converge"],
+)
+def test_the_loser_of_a_race(
+    output: tuple[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weights_b: bytes, refused: bool
 ) -> None:
     uri, settings = output
     a = artifact(tmp_path / "pod-a", b"weights of pod a")
-    b = artifact(tmp_path / "pod-b", b"weights of pod b (a GPU run differs)")
+    b = artifact(tmp_path / "pod-b", weights_b)
     storage.publish_dir(a, uri, settings)
     blind_next_check(monkeypatch)
-    with pytest.raises(storage.WriteOnceError, match="another writer meanwhile"):
-        storage.publish_dir(b, uri, settings)
+    if refused:
+        with pytest.raises(storage.WriteOnceError, match="another writer meanwhile"):
+            storage.publish_dir(b, uri, settings)
+    else:
+        assert storage.publish_dir(b, uri, settings) == storage.publish_dir(a, uri, settings)
     assert stored(uri, settings) == hashlib.sha256(b"weights of pod a").hexdigest()
-
-
-def test_the_loser_of_a_race_with_the_same_weights_converges(
-    output: tuple[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    uri, settings = output
-    a = artifact(tmp_path / "pod-a", b"same weights")
-    b = artifact(tmp_path / "pod-b", b"same weights")
-    storage.publish_dir(a, uri, settings)
-    blind_next_check(monkeypatch)
-    assert storage.publish_dir(b, uri, settings) == storage.publish_dir(a, uri, settings)
