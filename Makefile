@@ -78,8 +78,10 @@ lint: venv
 
 # The unit suite runs on every core (pytest-xdist), one torch thread per worker: most of its time
 # is single-threaded (starting trainer processes, importing torch), so workers beat threads.
+# It needs `binaries` for helm (tests/unit/test_chart.py renders the chart): on a machine with no
+# cache the first build takes 10-20 minutes, which must not happen inside a test's time limit.
 UNIT_WORKERS ?= auto
-test-unit: venv
+test-unit: venv binaries
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests/unit -q -n $(UNIT_WORKERS) $(PYTEST_ARGS)
 
 # KUBETUNE_TEST_NODE=fake: the fast lane (the fake kubelet runs pods' commands on this
