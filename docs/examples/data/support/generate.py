@@ -67,6 +67,52 @@ QUEUES: dict[str, list[str]] = {
         "I would love a wishlist where I can save {item}",
     ],
 }
+# Wordings that no training ticket uses, for ``heldout-reworded.jsonl``: the same queues asked the
+# way a customer who never saw the training tickets would. ``heldout.jsonl`` draws on the templates
+# above, so its tickets differ from training ones only in greeting, item and sign-off, and a prompt
+# that retrieves the nearest training tickets copies their answer (it scores like a lookup table).
+REWORDED: dict[str, list[str]] = {
+    "BILLING/REFUND": [
+        "{item} went back to you ten days ago and I am still waiting for the money",
+        "I paid two times for {item}, please return one of the payments",
+        "my bank shows a payment for {item} that I never received, I want it reversed",
+    ],
+    "BILLING/INVOICE": [
+        "our finance department asks for a proper bill for {item}",
+        "please put our company name and tax number on the paperwork for order {order}",
+        "the bill for {item} is missing our VAT number",
+    ],
+    "ACCOUNT/PASSWORD": [
+        "the code to sign in never comes and I am locked out",
+        "my old password is not accepted any more and the link to change it is broken",
+        "how can I get back into my account without my password",
+    ],
+    "ACCOUNT/DELETE": [
+        "I no longer want to use your service, get rid of my profile",
+        "please wipe every personal detail you hold about me and shut my account",
+        "under GDPR I ask you to erase everything you store about me",
+    ],
+    "SHIPPING/DELAY": [
+        "the delivery of {item} is overdue and nobody tells me when it comes",
+        "order {order} still says in transit after two weeks",
+        "I have been waiting since {day} for {item} to turn up",
+    ],
+    "SHIPPING/DAMAGED": [
+        "{item} came smashed, the parcel was torn open",
+        "when I unpacked {item} it was in pieces",
+        "order {order} was delivered but {item} inside is bent and unusable",
+    ],
+    "PRODUCT/BUG": [
+        "the checkout for {item} keeps failing with a blank page",
+        "since the new version the app closes whenever I look at {item}",
+        "adding {item} to the basket does nothing, the button seems dead",
+    ],
+    "PRODUCT/FEATURE": [
+        "it would help to get a price alert for {item}",
+        "I suggest you let customers compare {item} side by side",
+        "please consider offering gift wrapping for {item}",
+    ],
+}
 ITEMS = [
     "the blue kettle",
     "a desk lamp",
@@ -89,8 +135,8 @@ OPENERS = ["", "Hi, ", "Hello, ", "Good morning, ", "Hey team, ", "Dear support,
 CLOSERS = ["", " Thanks.", " Thank you!", " Regards, Sam", " Please help.", " Cheers"]
 
 
-def ticket(rng: random.Random, queue: str) -> dict[str, str]:
-    body = rng.choice(QUEUES[queue]).format(
+def ticket(rng: random.Random, queue: str, wordings: dict[str, list[str]] = QUEUES) -> dict[str, str]:
+    body = rng.choice(wordings[queue]).format(
         item=rng.choice(ITEMS), order=f"#{rng.randint(10000, 99999)}", day=rng.choice(DAYS)
     )
     text = rng.choice(OPENERS) + body + "." + rng.choice(CLOSERS)
@@ -118,6 +164,10 @@ def main() -> None:
     (out / "train.jsonl").write_text("\n".join(lines) + "\n")
     (out / "val.jsonl").write_text("".join(json.dumps(t) + "\n" for t in validation))
     (out / "heldout.jsonl").write_text("".join(json.dumps(t) + "\n" for t in heldout))
+    # Its own generator, so that the files above stay as they were before it existed.
+    rng = random.Random(11)
+    reworded = [ticket(rng, queues[i % len(queues)], REWORDED) for i in range(96)]
+    (out / "heldout-reworded.jsonl").write_text("".join(json.dumps(t) + "\n" for t in reworded))
 
 
 if __name__ == "__main__":
