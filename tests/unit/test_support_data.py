@@ -1,9 +1,9 @@
 """The support-ticket dataset of the quickstart: reproducible, and its reworded held-out set really reworded.
 
-``make demo`` evaluates on ``heldout-reworded.jsonl`` because ``heldout.jsonl``
-draws on the training tickets' wordings (a prompt that retrieves the nearest
-training tickets scores like a lookup table there). These tests keep that
-claim true: the files are what ``generate.py`` writes, and no reworded ticket's
+``heldout.jsonl`` draws on the training tickets' wordings (a prompt that
+retrieves the nearest training tickets scores like a lookup table there);
+``heldout-reworded.jsonl`` is the held-out set that does not. These tests keep
+that true: the files are what ``generate.py`` writes, and no reworded ticket's
 sentence occurs in any training ticket.
 """
 

@@ -143,6 +143,10 @@ def ticket(rng: random.Random, queue: str, wordings: dict[str, list[str]] = QUEU
     return {"prompt": "Route this support ticket: " + text[0].upper() + text[1:], "response": queue}
 
 
+def write_jsonl(path: Path, records: list[dict[str, str]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
 def main() -> None:
     rng = random.Random(7)
     queues = sorted(QUEUES)
@@ -162,12 +166,12 @@ def main() -> None:
     lines.insert(37, '{"prompt": "Route this support ticket: my order is late", "response": "..."}')
     lines.insert(120, '{"prompt": "Route this support ticket: broken json", "response": "SHIPPING/DELAY"')
     (out / "train.jsonl").write_text("\n".join(lines) + "\n")
-    (out / "val.jsonl").write_text("".join(json.dumps(t) + "\n" for t in validation))
-    (out / "heldout.jsonl").write_text("".join(json.dumps(t) + "\n" for t in heldout))
+    write_jsonl(out / "val.jsonl", validation)
+    write_jsonl(out / "heldout.jsonl", heldout)
     # Its own generator, so that the files above stay as they were before it existed.
     rng = random.Random(11)
     reworded = [ticket(rng, queues[i % len(queues)], REWORDED) for i in range(96)]
-    (out / "heldout-reworded.jsonl").write_text("".join(json.dumps(t) + "\n" for t in reworded))
+    write_jsonl(out / "heldout-reworded.jsonl", reworded)
 
 
 if __name__ == "__main__":
