@@ -113,6 +113,60 @@ REWORDED: dict[str, list[str]] = {
         "please consider offering gift wrapping for {item}",
     ],
 }
+# More ways to ask, for the training tickets only (``heldout.jsonl`` and ``val.jsonl`` keep to the
+# templates above). Four wordings a queue taught a 135M model the templates rather than the queues:
+# on ``heldout-reworded.jsonl`` it routed 0.78-0.83 of the tickets; with these eight, 0.91.
+MORE: dict[str, list[str]] = {
+    "BILLING/REFUND": [
+        "the {item} was faulty so I sent it back, when do I get the refund",
+        "you took money for {item} twice this month",
+        "I was overcharged for {item}, please pay the difference back",
+        "my refund for order {order} has not reached my account",
+    ],
+    "BILLING/INVOICE": [
+        "the invoice for order {order} has a typo in our company name",
+        "please email me the invoice for {item} as a PDF",
+        "I cannot find the invoice for {item} in my account",
+        "can the invoice for {item} be made out to my employer",
+    ],
+    "ACCOUNT/PASSWORD": [
+        "the password reset page says my email is unknown",
+        "I keep getting wrong password although I typed it correctly",
+        "I need a new password, I cannot remember mine",
+        "my account got locked after three wrong password attempts",
+    ],
+    "ACCOUNT/DELETE": [
+        "I am leaving, please close my account and remove my details",
+        "delete my customer account, I will not shop here again",
+        "remove all my personal information and deactivate my account",
+        "I want my account gone for good together with my order history",
+    ],
+    "SHIPPING/DELAY": [
+        "my {item} was supposed to come on {day} but there is no sign of it",
+        "the courier keeps postponing the delivery of order {order}",
+        "it has been ten days and {item} is still not here",
+        "when will {item} finally be delivered, it is very late",
+    ],
+    "SHIPPING/DAMAGED": [
+        "the {item} in order {order} arrived with a big crack",
+        "the parcel was crushed and {item} is broken",
+        "{item} was delivered damaged and does not work",
+        "half of {item} was shattered when the box arrived",
+    ],
+    "PRODUCT/BUG": [
+        "the page for {item} shows an error and will not load",
+        "the app freezes when I try to pay for {item}",
+        "I cannot add a review for {item}, the form throws an error",
+        "the price of {item} shows as zero in the app, looks like a bug",
+    ],
+    "PRODUCT/FEATURE": [
+        "I wish I could get a notification when {item} is back in stock",
+        "could you add a size guide for {item}",
+        "it would be nice to pay for {item} with a gift card",
+        "please let me save {item} in a list for later",
+    ],
+}
+TRAIN_WORDINGS = {q: QUEUES[q] + MORE[q] for q in QUEUES}
 ITEMS = [
     "the blue kettle",
     "a desk lamp",
@@ -153,7 +207,7 @@ def main() -> None:
     out = Path(__file__).parent
     heldout = [ticket(rng, queues[i % len(queues)]) for i in range(96)]
     validation = [ticket(rng, queues[i % len(queues)]) for i in range(48)]
-    train = [ticket(rng, rng.choice(queues)) for _ in range(560)]
+    train = [ticket(rng, rng.choice(queues), TRAIN_WORDINGS) for _ in range(560)]
     # The faults curation is for: duplicates, near-duplicates, leakage, broken records.
     train += [dict(t) for t in rng.sample(train, 20)]
     near = []
