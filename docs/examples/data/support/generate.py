@@ -7,8 +7,10 @@ fine-tune beating its prompted baseline, as a fine-tune that ships must.
 
 The training file deliberately carries the faults curation exists for: exact
 and near duplicates, an invalid line, an empty response, and copies of
-held-out eval examples (leakage). Run ``python generate.py`` to rewrite the
-files; the output is deterministic.
+held-out eval examples (leakage). There are two held-out files:
+``heldout.jsonl`` reuses the training tickets' wordings, ``heldout-reworded.jsonl``
+(what ``make demo`` evaluates on) asks in wordings no training ticket uses. Run
+``python generate.py`` to rewrite the files; the output is deterministic.
 """
 
 from __future__ import annotations
