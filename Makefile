@@ -88,8 +88,12 @@ test-unit: venv binaries
 # machine; tests that need the real node's pods are skipped). See docs/testing.md.
 # --tb=native: pytest's own traceback formatting hit a CPython 3.11 AST bug on a failure here
 # (INTERNALERROR, the session ended); Python's tracebacks carry the same assertion messages.
+# E2E_WORKERS=2: two workers on one cluster (tests/e2e/lanes.py: exclusive tests run alone);
+# E2E_WORKERS=0: one process, in file order (the default for the fake-kubelet lane).
+E2E_WORKERS ?= $(if $(filter fake,$(KUBETUNE_TEST_NODE)),0,2)
+E2E_PARALLEL := $(if $(filter-out 0,$(E2E_WORKERS)),-n $(E2E_WORKERS) --dist loadscope --no-loadscope-reorder)
 test-e2e: venv binaries node-packages images
-	$(BIN)/python -m pytest tests/e2e -q --tb=native --durations=30 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/e2e -q --tb=native --durations=30 $(E2E_PARALLEL) $(PYTEST_ARGS)
 
 # On a machine with no cache, the Debian packages and the images (about 9 minutes, mostly downloads
 # and disk) are prepared in the background while lint, the Go builds of `binaries` and the unit suite

@@ -98,8 +98,7 @@ def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pytest.TestR
     return report
 
 
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def start_session_cluster(workdir: Path) -> Cluster:
     """etcd + kube-apiserver + kube-controller-manager + a node (``KUBETUNE_TEST_NODE``) + S3.
 
     A real node gets the operator and trainer images (built by ``make images``; built here
@@ -110,8 +109,20 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         from tests.cluster import images
 
         archives = [built.archive for built in images.build().values()]
-    started = Cluster.start(tmp_path_factory.mktemp("cluster"), node=TEST_NODE, images=archives)
+    started = Cluster.start(workdir, node=TEST_NODE, images=archives)
     IMPORTED.update(started.imported)
+    return started
+
+
+@pytest.fixture(scope="session")
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """The session's cluster (``start_session_cluster``); in a worker of the parallel e2e suite, the
+    one the controller started (tests/e2e/lanes.py)."""
+    described = getattr(request.config, "workerinput", {}).get("kubetune_cluster")
+    if described:
+        yield Cluster.attach(json.loads(described))
+        return
+    started = start_session_cluster(tmp_path_factory.mktemp("cluster"))
     try:
         yield started
     finally:
@@ -151,8 +162,13 @@ def kueue_system(real_cluster: Cluster) -> None:
     """Kueue installed on the real node. It stays (its webhooks only act on queued Jobs): a second
     install, by another module on the same cluster, finds everything in place within seconds."""
     from tests.cluster import kueue
+    from tests.e2e import lanes
 
-    kueue.install(real_cluster)
+    def install() -> dict[str, Any]:
+        kueue.install(real_cluster)
+        return {}
+
+    lanes.once("kueue", install)  # by one worker of a parallel run; the other finds it installed
 
 
 @pytest.fixture(scope="session")

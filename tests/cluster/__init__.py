@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
@@ -63,6 +63,8 @@ class Cluster:
     node: RealNode | None = None
     # Seconds each image archive given to ``start`` took to import, by file name (0: already there).
     imported: dict[str, float] = field(default_factory=dict)
+    # False for a cluster another process started (``attach``): this one neither checks nor stops it.
+    owned: bool = True
 
     @property
     def kubeconfig(self) -> Path:
@@ -252,20 +254,55 @@ class Cluster:
         pid = int((self.pod_dir(namespace, pod) / f"{container}.pid").read_text())
         os.killpg(pid, sig)
 
+    def describe(self) -> dict[str, Any]:
+        """What another process needs to use this cluster (``attach``): addresses, paths, credentials."""
+        plane, node = self.control_plane, self.node
+        return {
+            "workdir": str(self.workdir),
+            "bin_dir": str(self.bin_dir),
+            "control_plane": {
+                "server": plane.server,
+                "token": plane.token,
+                "ca_file": str(plane.ca_file),
+                "kubeconfig": str(plane.kubeconfig),
+                "kcm_port": plane.kcm_port,
+                "scheduler_port": plane.scheduler_port,
+            },
+            "s3": self.s3.endpoint_url,
+            "node": None if node is None else node.describe(),
+        }
+
+    @classmethod
+    def attach(cls, description: dict[str, Any]) -> Cluster:
+        """A cluster another process started and stops (the parallel e2e suite's workers use the
+        one their controller started): everything but ``ensure_running`` and ``stop`` works."""
+        workdir, bin_dir = Path(description["workdir"]), Path(description["bin_dir"])
+        cp = description["control_plane"]
+        plane = ControlPlane(
+            workdir, bin_dir, cp["server"], cp["token"], Path(cp["ca_file"]), Path(cp["kubeconfig"]),
+            cp["kcm_port"], [], cp["scheduler_port"],
+        )  # fmt: skip
+        node = None if description["node"] is None else RealNode.attach(description["node"])
+        return cls(workdir, bin_dir, plane, None, S3Server.attach(description["s3"]), node, owned=False)
+
     def _node_services(self) -> list[Service]:
         if self.node is not None:
             return list(self.node.services)
         return [self.kubelet] if self.kubelet is not None else []
 
     def ensure_running(self) -> None:
-        """Raise if a component died (its log's tail is in the message)."""
+        """Raise if a component died (its log's tail is in the message); the owner checks an attached one."""
+        if not self.owned:
+            return
         self.control_plane.ensure_running()
         for service in self._node_services():
             service.ensure_running()
         self.s3.service.ensure_running()
 
     def stop(self) -> None:
-        """Stop the node first (it stops the pods), then the control plane, then S3."""
+        """Stop the node first (it stops the pods), then the control plane, then S3 (the owner's job)."""
+        if not self.owned:
+            return
         if self.node is not None:
             self.node.stop()
         if self.kubelet is not None:

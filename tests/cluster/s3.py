@@ -28,7 +28,7 @@ class S3Server:
     """A running moto server and the static credentials it accepts (it accepts any)."""
 
     endpoint_url: str
-    service: Service
+    service: Service | None  # None: attached to a server another process runs
     access_key: str = "testing"
     secret_key: str = "testing"
     region: str = "us-east-1"
@@ -43,6 +43,11 @@ class S3Server:
         service = Service.spawn("s3", [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)], log_dir)
         return cls(f"http://{host}:{port}", service)
 
+    @classmethod
+    def attach(cls, endpoint_url: str) -> S3Server:
+        """The server another process started (it stops it)."""
+        return cls(endpoint_url, None)
+
     @property
     def host(self) -> str:
         """The address it listens on (a fault proxy in front of it listens there too, so pods reach both)."""
@@ -56,7 +61,8 @@ class S3Server:
             return False
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        wait_until(self._answers, timeout=timeout, what="the S3 server", services=[self.service])
+        services = [] if self.service is None else [self.service]
+        wait_until(self._answers, timeout=timeout, what="the S3 server", services=services)
 
     def client(self) -> Any:
         """A boto3 S3 client for this server (path-style addressing: no DNS for bucket names)."""
@@ -82,4 +88,5 @@ class S3Server:
         }
 
     def stop(self) -> None:
-        stop_all([self.service])
+        if self.service is not None:
+            stop_all([self.service])

@@ -113,6 +113,8 @@ class WatchedRun:
     name: str
     steps: set[int] = field(default_factory=set)
     done: threading.Event = field(default_factory=threading.Event)
+    # Where the sampled steps are written once it ended, for another worker's ``follow`` (lanes.py).
+    record: Path | None = None
 
     def watch(self, cluster: Cluster, timeout: float = 900) -> None:
         deadline = time.monotonic() + timeout
@@ -125,10 +127,30 @@ class WatchedRun:
                     break
                 time.sleep(0.2)
         finally:
+            if self.record is not None:  # whole or not at all: the follower polls for it
+                partial = self.record.with_suffix(".partial")
+                partial.write_text(json.dumps(sorted(self.steps)))
+                partial.replace(self.record)
             self.done.set()
 
     def start(self, cluster: Cluster) -> WatchedRun:
         threading.Thread(target=self.watch, args=(cluster,), name=f"watch-{self.name}", daemon=True).start()
+        return self
+
+    def follow(self, record: Path, timeout: float = 900) -> WatchedRun:
+        """The run another worker watches: its steps and end come from the file it records them in."""
+
+        def wait() -> None:
+            deadline = time.monotonic() + timeout
+            try:
+                while not record.exists() and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                if record.exists():
+                    self.steps.update(json.loads(record.read_text()))
+            finally:
+                self.done.set()
+
+        threading.Thread(target=wait, name=f"follow-{self.name}", daemon=True).start()
         return self
 
     def finished(self, cluster: Cluster, timeout: float = 900) -> dict[str, Any]:
@@ -473,6 +495,16 @@ class ChartOperator(Operator):
                   "--values", str(values_file), "--wait", "--timeout=180s")  # fmt: skip
         self.installed = True
         RUNNING.append(self)
+
+    def install_once(self) -> dict[str, Any]:
+        """``install`` for ``lanes.once`` (what the other workers need to know: nothing)."""
+        self.install()
+        return {}
+
+    def attach(self) -> None:
+        """Use the release another worker installed (stop, start and restart act on it all the same)."""
+        if self not in RUNNING:
+            RUNNING.append(self)
 
     def uninstall(self) -> None:
         if self.installed:

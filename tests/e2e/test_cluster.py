@@ -27,6 +27,9 @@ from kubetune.builders.security import restricted_container, restricted_pod
 from tests.cluster import Cluster, KubectlError
 from tests.e2e.helpers import apply, image_refs, raw, wait_for
 
+# standalone: the cluster alone, no kubetune object (tests/e2e/lanes.py)
+pytestmark = pytest.mark.standalone
+
 T = TypeVar("T")
 Obj = dict[str, Any]
 

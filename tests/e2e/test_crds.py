@@ -17,7 +17,8 @@ import yaml
 from tests.cluster import Cluster
 
 # The bare API: no operator may act on these objects (it would also start real training runs).
-pytestmark = pytest.mark.usefixtures("no_operator")
+# exclusive: the session's operator is stopped for the module (tests/e2e/lanes.py)
+pytestmark = [pytest.mark.usefixtures("no_operator"), pytest.mark.exclusive]
 
 ROOT = Path(__file__).resolve().parents[2]
 INVALID = sorted((ROOT / "tests" / "fixtures" / "invalid").glob("*.yaml"))

@@ -38,6 +38,9 @@ from tests.e2e.helpers import (
     wait_for,
 )
 
+# exclusive: the session's operator is stopped for the module (``faulty`` replaces it; tests/e2e/lanes.py)
+pytestmark = pytest.mark.exclusive
+
 SHORT = {"epochs": 2, "checkpointEverySteps": 8}
 
 

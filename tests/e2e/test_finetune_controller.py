@@ -186,6 +186,7 @@ def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(
     assert sorted(t["exitCode"] for t in terminated) == [0, 137]
 
 
+@pytest.mark.exclusive  # restarts the session's operator
 def test_operator_restart_mid_run_converges_with_one_job(cluster: Cluster, operator: Operator, tenant: str) -> None:
     ns = tenant
     apply(cluster, ns, quick("restart", training={"epochs": 2}))
@@ -321,6 +322,7 @@ def s3_keys(cluster: Cluster, namespace: str, name: str, uid: str) -> list[str]:
     return [o["Key"] for o in listed.get("Contents", [])]
 
 
+@pytest.mark.exclusive  # stops the session's operator
 def test_a_running_finetune_carries_no_operator_state_and_deletes_with_the_operator_down(
     cluster: Cluster, operator: Operator, tenant: str
 ) -> None:

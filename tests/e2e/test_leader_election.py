@@ -20,7 +20,7 @@ from tests.cluster import Cluster
 from tests.e2e.helpers import HostOperator, apply, example, get, jobs, status, wait_for
 
 LEASE = "kubetune-operator"
-pytestmark = pytest.mark.usefixtures("crds", "seeded_s3", "no_operator")
+pytestmark = [pytest.mark.usefixtures("crds", "seeded_s3", "no_operator"), pytest.mark.exclusive]
 
 
 def lease(cluster: Cluster, namespace: str) -> dict[str, Any] | None:

@@ -34,6 +34,9 @@ from tests.cluster.node.network import API_SERVICE_IP, NodeNetwork
 from tests.conftest import ROOT
 from tests.e2e.helpers import raw, wait_for
 
+# standalone: the node alone, no kubetune object (tests/e2e/lanes.py); its GPU tests are exclusive
+pytestmark = pytest.mark.standalone
+
 Obj = dict[str, Any]
 
 RESTRICTED_POD = {
@@ -320,6 +323,7 @@ def test_pods_reach_the_api_and_s3_but_nothing_off_the_node(
     assert "ok api=reached" in log, log
 
 
+@pytest.mark.exclusive  # the node's GPUs to itself
 def test_gpu_requests_are_admitted_and_bound(real_cluster: Cluster, api: k8s.ApiClient, restricted: str) -> None:
     """No device plugin: the node advertises nvidia.com/gpu so GPU pods schedule (no device is given)."""
     gpu = {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}
@@ -418,6 +422,7 @@ def _coredns_pod(api: k8s.ApiClient) -> str:
     return str(pods[0].metadata.name)
 
 
+@pytest.mark.exclusive  # the node's GPUs to itself
 def test_kueue_admits_two_gpu_jobs_one_after_the_other(
     real_cluster: Cluster, api: k8s.ApiClient, restricted: str, kueue_system: None
 ) -> None:

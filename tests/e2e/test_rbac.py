@@ -39,7 +39,8 @@ from tests.e2e.helpers import (
     wait_for,
 )
 
-pytestmark = pytest.mark.real_node
+# exclusive: it stops the session's operator and reads every request of its ServiceAccount
+pytestmark = [pytest.mark.real_node, pytest.mark.exclusive]
 SERVICE_ACCOUNT = f"system:serviceaccount:{ChartOperator.NAMESPACE}:{ChartOperator.SERVICE_ACCOUNT}"
 
 

@@ -148,6 +148,7 @@ def _time(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
+@pytest.mark.exclusive  # the node's GPUs to itself (test_node has GPU tests too)
 def test_kueue_admits_two_queued_finetunes_one_after_the_other(cluster: Cluster, queue: str) -> None:
     ns = queue
     queued = {"runPolicy": {"queueName": "team"}, "resources": {"gpus": 1}, "training": {"epochs": 2}}

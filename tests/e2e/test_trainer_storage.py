@@ -23,6 +23,9 @@ from tests.cluster.faults import FaultProxy, Rule
 from tests.cluster.s3 import S3Server
 from tests.conftest import ROOT, SUPPORT_DATA, run_trainer
 
+# standalone: the trainer against S3, no kubetune object on the cluster (tests/e2e/lanes.py)
+pytestmark = pytest.mark.standalone
+
 SLOW_DOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"

@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.cluster.node import configs, images, network
 from tests.cluster.node.network import NodeNetwork, NodeSlot
@@ -165,6 +166,27 @@ class RealNode:
     @property
     def name(self) -> str:
         return NODE_NAME
+
+    def describe(self) -> dict[str, Any]:
+        """What ``attach`` needs in another process: the node's index and folders (its CRI socket)."""
+        return {
+            "index": self.network.index,
+            "workdir": str(self.paths.workdir),
+            "node_bin": str(self.node_bin),
+            "k8s_bin": str(self.k8s_bin),
+            "logs": str(self.logs),
+        }
+
+    @classmethod
+    def attach(cls, description: dict[str, Any]) -> RealNode:
+        """A node another process runs: for the CRI (``crictl``, ``kill_container``) and its addresses.
+
+        It holds no slot lock and owns no service; only the process that started the node stops it.
+        """
+        slot = NodeSlot.attached(int(description["index"]))
+        net = slot.network
+        paths = NodePaths(Path(description["workdir"]), net.run_dir, net.data_dir)
+        return cls(slot, paths, Path(description["node_bin"]), Path(description["k8s_bin"]), Path(description["logs"]))
 
     # -- start -----------------------------------------------------------------------------
 

@@ -135,9 +135,14 @@ class NodeSlot:
     ``claim`` reports that as ``stale`` for the caller to clean.
     """
 
-    def __init__(self, index: int, lock: IO[str]) -> None:
+    def __init__(self, index: int, lock: IO[str] | None) -> None:
         self.network = NodeNetwork(index)
         self._lock = lock
+
+    @classmethod
+    def attached(cls, index: int) -> NodeSlot:
+        """The slot of a node another process holds (and releases)."""
+        return cls(index, None)
 
     @property
     def stale(self) -> bool:
@@ -162,6 +167,8 @@ class NodeSlot:
         raise RuntimeError(f"all {MAX_NODES} test node slots in {RUN_ROOT} are taken by running nodes")
 
     def release(self) -> None:
+        if self._lock is None:
+            return
         with contextlib.suppress(OSError):
             fcntl.flock(self._lock, fcntl.LOCK_UN)
         self._lock.close()
