@@ -217,12 +217,14 @@ check() {
       ln -s /examples docs/examples
       python -m kubetune_trainer.tiny --out .kubetune/demo/base-model --corpus docs/examples/data/support/train.jsonl \
         --pretrain-steps 20
-      # The quickstart, shorter: 20 pretraining steps instead of 200, 2 epochs, 24
-      # eval examples, every block adapted (the tiny model has fewer blocks than the
-      # lastLayers of the manifest). This checks the image, not the model: exit 0 (gates passed)
-      # or 11 (trained and published, gates failed) both mean every stage ran.
+      # The quickstart manifest on the tiny model (the demo'"'"'s SmolLM2 is not in the image):
+      # 20 pretraining steps, 2 epochs, 24 eval examples, every block adapted (the tiny model
+      # has fewer blocks than the lastLayers of the manifest). This checks the image, not the
+      # model: exit 0 (gates passed) or 11 (trained and published, gates failed) both mean
+      # every stage ran.
       head -n 24 docs/examples/data/support/heldout.jsonl > eval.jsonl
       python -c "import sys, yaml; d = yaml.safe_load(open(sys.argv[1])); s = d[\"spec\"]; s[\"training\"][\"epochs\"] = 2; \
+        s[\"baseModel\"][\"uri\"] = \"file://./.kubetune/demo/base-model\"; \
         s[\"dataset\"][\"eval\"] = \"file://./eval.jsonl\"; \
         s[\"method\"][\"lora\"].pop(\"lastLayers\", None); yaml.safe_dump(d, open(\"finetune.yaml\", \"w\"))" \
         docs/examples/finetune-local.yaml
