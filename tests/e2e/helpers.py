@@ -66,9 +66,11 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 240, int
 
 
 # What a test's trainer pod asks of the node: the example's memory, but a quarter of a core
-# rather than one. The node has this machine's 2 cores and no CPU limit is set (a pod alone
-# still uses both), so the FineTunes one test starts together run side by side instead of
-# queueing for the scheduler; a multi-node FineTune's pods must all fit at once.
+# rather than one. The node has this machine's 2 cores, so the FineTunes one test starts
+# together run side by side instead of queueing for the scheduler; a multi-node FineTune's pods
+# must all fit at once. No CPU limit is set, and the request gives each trainer one torch thread
+# (OMP_NUM_THREADS), so two trainings side by side use a core each instead of spinning four
+# threads on two cores.
 TEST_CPU = "250m"
 
 

@@ -64,6 +64,7 @@ def test_a_training_pod_runs_restricted_as_seen_from_inside(cluster: Cluster, op
         grep -E '^(Uid|Gid|CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):' "/proc/$pid/status"
         echo "cmdline=$(tr '\0' ' ' < "/proc/$pid/cmdline")"
         echo "init=$(tr '\0' ' ' < /proc/1/cmdline)"
+        echo "omp=$(tr '\0' '\n' < "/proc/$pid/environ" | sed -n 's/^OMP_NUM_THREADS=//p')"
         awk '$2 == "/" { print "rootmount=" $4 }' /proc/mounts
         if touch /probe 2>/dev/null; then echo root=writable; else echo root=read-only; fi
         if touch /scratch/probe; then echo scratch=writable; fi
@@ -82,6 +83,7 @@ def test_a_training_pod_runs_restricted_as_seen_from_inside(cluster: Cluster, op
     assert facts["rootmount"].split(",")[0] == "ro", out
     assert facts["root"] == "read-only", out
     assert facts["scratch"] == "writable", out
+    assert facts["omp"] == "1", out  # one torch thread for its quarter core (TEST_CPU), rounded up
     cluster.kubectl("delete", "ft", "inside", "-n", ns, "--wait=false")  # seen enough: no need to train
 
 

@@ -155,6 +155,7 @@ def test_reference_server_deployment() -> None:
     assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in c["env"]
     assert c["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert "resources" in c
+    assert {"name": "OMP_NUM_THREADS", "value": "1"} in c["env"]  # the example's "1" core
     assert d["metadata"]["name"] == "support-bot-canary"
     pod = d["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True

@@ -139,6 +139,13 @@ def test_resources_and_gpus() -> None:
     assert container(job_for(amd, resources={"gpus": 2}))["resources"]["limits"] == {"amd.com/gpu": "2"}
 
 
+def test_trainer_threads_follow_the_cpu_request() -> None:
+    assert env(job_for(resources={"gpus": 0, "cpu": "250m"}))["OMP_NUM_THREADS"] == "1"
+    assert env(job_for(resources={"gpus": 0, "cpu": "6"}))["OMP_NUM_THREADS"] == "6"
+    assert env(job_for(resources={"gpus": 4, "cpu": "16"}))["OMP_NUM_THREADS"] == "4"  # four torchrun processes
+    assert "OMP_NUM_THREADS" not in env(job_for(resources={"gpus": 0}))  # no request: torch's default
+
+
 def test_placement() -> None:
     tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     job = job_for(

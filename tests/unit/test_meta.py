@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 import pytest
 
@@ -73,3 +74,42 @@ def test_resources() -> None:
         "limits": {"memory": "4Gi", "nvidia.com/gpu": "1"},
     }
     assert meta.resources(cpu=None, memory=None, gpus=0, gpu_resource_name="nvidia.com/gpu") == {}
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("250m", "0.25"),
+        ("2", "2"),
+        ("1.5", "1.5"),
+        ("2000m", "2"),
+        ("2k", "2000"),
+        ("1Ki", "1024"),
+        ("2Gi", "2147483648"),
+    ],
+)
+def test_quantity(value: str, expected: str) -> None:
+    assert meta.quantity(value) == Decimal(expected)
+
+
+@pytest.mark.parametrize("value", ["", "m", "2x", "1.", "-1"])
+def test_not_a_quantity(value: str) -> None:
+    with pytest.raises(ValueError, match="not a Kubernetes quantity"):
+        meta.quantity(value)
+
+
+@pytest.mark.parametrize(
+    ("cpu", "processes", "threads"),
+    [
+        ("250m", 1, "1"),  # a quarter core still gets one thread
+        ("1", 1, "1"),
+        ("1500m", 1, "2"),  # rounded up, as the downward API rounds requests.cpu
+        ("8", 1, "8"),
+        ("8", 4, "2"),  # torchrun's processes share the pod's request
+        ("2", 8, "1"),
+        (None, 1, None),  # no request: torch's own default, every core
+    ],
+)
+def test_cpu_threads_env_follows_the_cpu_request(cpu: str | None, processes: int, threads: str | None) -> None:
+    env = meta.cpu_threads_env(cpu, processes)
+    assert env == ([] if threads is None else [{"name": "OMP_NUM_THREADS", "value": threads}])

@@ -242,6 +242,7 @@ def _train(cfg: TrainerConfig, settings: storage.S3Settings, progress: ProgressR
         raise RunError(ExitCode.BAD_INPUT, "DataInvalid", str(e)) from e
 
     runtime = modeling.pick_runtime(cfg.training.precision)
+    log.info("device %s, %d CPU threads", runtime.device, torch.get_num_threads())
     base = modeling.load_base_model(model_dir, cfg.method, runtime)
     # The adapter's initial weights are drawn here: from the run's seed, not from whatever state
     # loading the base left the global generator in, so every rank and every rerun starts alike.

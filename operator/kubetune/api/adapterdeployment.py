@@ -75,7 +75,10 @@ class ServingResources(KubeModel):
     gpus: int | None = Field(
         default=None, ge=0, le=16, description="GPUs per serving pod. Default 1 for vllm, 0 for kubetune."
     )
-    cpu: Quantity | None = Field(default=None, description='CPU request, e.g. "2".')
+    cpu: Quantity | None = Field(
+        default=None,
+        description='CPU request, e.g. "2"; the server runs one torch thread per requested core (OMP_NUM_THREADS).',
+    )
     memory: Quantity | None = Field(default=None, description='Memory request and limit, e.g. "16Gi".')
 
 

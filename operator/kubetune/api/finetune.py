@@ -511,7 +511,14 @@ class ResourcesSpec(KubeModel):
 
     gpus: int = Field(default=1, ge=0, le=64, description="GPUs per node. Default 1.")
     nodes: int = Field(default=1, ge=1, le=64, description="Nodes; more than 1 runs an Indexed Job with torchrun.")
-    cpu: Quantity | None = Field(default=None, description='CPU request per pod, e.g. "8".')
+    cpu: Quantity | None = Field(
+        default=None,
+        description=(
+            'CPU request per pod, e.g. "8". It also sets the trainer\'s threads (OMP_NUM_THREADS): one per '
+            "requested core, rounded up, shared among a pod's GPU processes. Unset: no request, and torch uses "
+            "every core of the node."
+        ),
+    )
     memory: Quantity | None = Field(default=None, description='Memory request and limit per pod, e.g. "40Gi".')
     node_selector: dict[str, Annotated[str, Field(max_length=253)]] | None = Field(
         default=None, description="Node labels the training pods must match."

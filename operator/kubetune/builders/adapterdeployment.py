@@ -285,6 +285,7 @@ def _server(adep: AdapterDeployment, candidate: Candidate, settings: OperatorSet
             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             {"name": "HF_HOME", "value": f"{MODELS_MOUNT}/hf"},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
+            *meta.cpu_threads_env(resources.cpu),
         ],
         "ports": [{"name": "http", "containerPort": runtime.port}],
         "readinessProbe": {**probe, "failureThreshold": 3},

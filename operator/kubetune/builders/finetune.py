@@ -210,6 +210,7 @@ def _trainer_container(job: str, namespace: str, plan: Plan, settings: OperatorS
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
         *credentials_env(plan.secret_name),
+        *meta.cpu_threads_env(spec.resources.cpu, processes=max(spec.resources.gpus, 1)),
     ]
     if settings.hf_endpoint:
         env.append({"name": "HF_ENDPOINT", "value": settings.hf_endpoint})

@@ -13,8 +13,10 @@ by their owner's uid (ownerReferences), never by a name or label parsed back.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import Any
 
 from kubetune.api.types import GROUP_VERSION
@@ -119,6 +121,33 @@ def resources(*, cpu: str | None, memory: str | None, gpus: int, gpu_resource_na
     if limits:
         out["limits"] = limits
     return out
+
+
+_SUFFIXES = {"m": Decimal("0.001"), "k": Decimal(10**3), "M": Decimal(10**6), "G": Decimal(10**9)}
+_SUFFIXES |= {"T": Decimal(10**12), "P": Decimal(10**15), "E": Decimal(10**18)}
+_SUFFIXES |= {f"{p}i": Decimal(1024 ** (n + 1)) for n, p in enumerate("KMGTPE")}
+
+
+def quantity(value: str) -> Decimal:
+    """A Kubernetes quantity's value (``"250m"`` is 0.25, ``"2Gi"`` 2147483648); the API's pattern is assumed."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([a-zA-Z]*)", value)
+    if match is None or match[2] not in ("", *_SUFFIXES):
+        raise ValueError(f"not a Kubernetes quantity: {value!r}")
+    return Decimal(match[1]) * _SUFFIXES.get(match[2], Decimal(1))
+
+
+def cpu_threads_env(cpu: str | None, processes: int = 1) -> list[dict[str, Any]]:
+    """``OMP_NUM_THREADS`` for a container's processes: its CPU request shared among them, rounded up.
+
+    torch sizes its thread pool from the cores it sees, which in a container are the node's, not its
+    share: a trainer that requested a quarter of a core on a busy 64-core node starts 64 OpenMP threads
+    that spin waiting for each other on its neighbours' CPU time. One thread per requested core (at
+    least one) is what the scheduler set aside for it. Nothing is set without a request.
+    """
+    if cpu is None:
+        return []
+    threads = max(1, math.ceil(quantity(cpu) / max(processes, 1)))
+    return [{"name": "OMP_NUM_THREADS", "value": str(threads)}]
 
 
 PVC_ROOT = "/mnt/pvc"
