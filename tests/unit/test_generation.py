@@ -88,7 +88,7 @@ def test_target_only_loss_equals_the_models_own_loss(tiny_model: Path) -> None:
     examples = data.load_jsonl(SUPPORT_DATA / "val.jsonl").examples[:16]
     encoded = [data.encode(tokenizer, e, 128) for e in examples]
     for batch in (data.collate(data.pack(encoded, 128)[:4], tokenizer.pad_token_id), data.collate(encoded[:6], 0)):
-        ours = train._forward_loss(model, batch, runtime)
+        ours = train.forward_loss(model, batch, runtime)
         theirs = model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -99,3 +99,58 @@ def test_target_only_loss_equals_the_models_own_loss(tiny_model: Path) -> None:
         ours.backward()  # gradients flow into the adapter through the selected positions
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
         model.zero_grad()
+
+
+def test_response_loss_is_the_token_weighted_loss_of_each_example(loaded: tuple[Any, Any, modeling.Runtime]) -> None:
+    """Batched by length, logits for the responses only: the mean per response token of each example's own loss."""
+    model, tokenizer, runtime = loaded
+    examples = data.load_jsonl(SUPPORT_DATA / "heldout.jsonl").examples[:13]  # a short last batch
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for example in examples:
+            enc = data.encode(tokenizer, example, 256)
+            labels = torch.tensor([enc.labels])
+            n = int((labels[:, 1:] != data.IGNORE_INDEX).sum())
+            total += float(model(input_ids=torch.tensor([enc.input_ids]), labels=labels).loss) * n
+            count += n
+    ours = evaluate.response_loss(model, tokenizer, examples, 256, runtime)
+    assert ours == pytest.approx(total / count, rel=1e-5)
+
+
+def test_a_shared_prefix_is_run_once_and_changes_no_answer(loaded: tuple[Any, Any, modeling.Runtime]) -> None:
+    """The prompted baseline's prompts share their system prompt and shots: batched, they are run once."""
+    model, tokenizer, runtime = loaded
+    examples = data.load_jsonl(SUPPORT_DATA / "heldout.jsonl").examples[:10]
+    train_set = data.load_jsonl(SUPPORT_DATA / "val.jsonl").examples
+    stratified, _ = baselines.prompted_conversations(
+        examples, train_set, few_shot=4, shot_selection="stratified", system_prompt=None, seed=0
+    )
+    prompts = [data.render_prompt(tokenizer, p) for p in stratified]
+    shared = generation.shared_prefix(prompts)
+    assert shared > 0.7 * min(map(len, prompts))  # the system prompt and the shots: most of each prompt
+    assert all(p[:shared] == prompts[0][:shared] for p in prompts)
+    assert len({p[shared] for p in prompts}) > 1  # and not one token further
+    calls: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: calls.append(kw["input_ids"].numel()), with_kwargs=True)
+    try:
+        together = generation.generate(model, tokenizer, prompts, runtime, max_new_tokens=6)
+    finally:
+        hook.remove()
+    assert calls[0] == shared  # the prefix, once
+    assert calls[1] == len(prompts) * max(len(p) - shared for p in prompts)  # then each row's own tokens
+    alone = [generation.generate(model, tokenizer, [p], runtime, max_new_tokens=6)[0] for p in prompts]
+    assert together == alone
+
+
+@pytest.mark.parametrize(
+    ("prompts", "shared"),
+    [
+        ([[1, 2, 3]], 0),  # one prompt: nothing to share
+        ([[1, 2, 3], [1, 2, 4]], 2),
+        ([[1, 2, 3], [1, 2, 3]], 2),  # identical: each keeps its last token
+        ([[1, 2], [1, 2, 3, 4]], 1),
+        ([[5, 2], [1, 2]], 0),
+    ],
+)
+def test_shared_prefix(prompts: list[list[int]], shared: int) -> None:
+    assert generation.shared_prefix(prompts) == shared

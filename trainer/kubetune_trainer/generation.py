@@ -8,10 +8,18 @@ column), the attention mask hides the padding, and positions count real
 tokens only, so each row computes what it would alone. Rows that reach an
 end-of-sequence token stop contributing output; the batch stops when every
 row has, or at the token budget.
+
+Prompts of one batch often begin alike: the chat template's header and a
+default system prompt, or a prompted baseline's whole system prompt and shots.
+The longest prefix they share is run once, its attention keys and values are
+copied to every row, and only the rest of each prompt goes through the model:
+rows are then [shared prefix, padding, own tokens], with the padding masked
+and not counted in positions, so each row still computes what it would alone.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -70,6 +78,45 @@ def split_outputs(
     return outputs
 
 
+SHARED_PREFIX_MIN = 8
+"""Shorter shared prefixes are not worth a forward pass of their own."""
+
+
+def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every prompt shares, leaving each at least one token of its own."""
+    if len(prompts) < 2:
+        return 0
+    limit = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for i in range(max(limit, 0)):
+        if any(p[i] != first[i] for p in prompts[1:]):
+            return i
+    return max(limit, 0)
+
+
+def _forward_parameters(model: Any) -> set[str]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(base.forward).parameters)
+
+
+def _prefill_shared(model: Any, prompts: Sequence[Sequence[int]], shared: int, device: torch.device) -> dict[str, Any]:
+    """The keys and values of the prompts' shared prefix, computed once and repeated for every row.
+
+    Returns the keyword argument that hands them to ``generate``: ``cache`` in transformers 5,
+    ``past_key_values`` before.
+    """
+    from transformers import DynamicCache
+
+    accepted = _forward_parameters(model)
+    keyword = "cache" if "cache" in accepted else "past_key_values"
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}  # no logits wanted at all
+    cache = DynamicCache(config=model.config)
+    prefix = torch.tensor([list(prompts[0][:shared])], dtype=torch.long, device=device)
+    model(input_ids=prefix, use_cache=True, **{keyword: cache}, **extra)
+    cache.batch_repeat_interleave(len(prompts))
+    return {keyword: cache}
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -91,10 +138,18 @@ def generate(
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     stop_ids = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    ids, mask = left_pad(prompts, pad_id, runtime.device)
+    shared = shared_prefix(prompts)
+    if shared < SHARED_PREFIX_MIN:
+        shared = 0
+    ids, mask = left_pad([p[shared:] for p in prompts], pad_id, runtime.device)
     options: dict[str, Any] = {"do_sample": False} | (sampling or {})
     autocast = torch.autocast(runtime.device.type, dtype=runtime.autocast) if runtime.autocast else nullcontext()
     with autocast:
+        if shared:
+            options |= _prefill_shared(model, prompts, shared, runtime.device)
+            prefix = torch.tensor([list(prompts[0][:shared])], dtype=torch.long, device=runtime.device)
+            ids = torch.cat([prefix.expand(len(prompts), -1), ids], dim=1)
+            mask = torch.cat([torch.ones_like(prefix).expand(len(prompts), -1), mask], dim=1)
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,

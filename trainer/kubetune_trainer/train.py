@@ -95,7 +95,7 @@ def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig, total_steps
     return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def _to_device(batch: dict[str, torch.Tensor], runtime: Runtime) -> dict[str, torch.Tensor]:
+def to_device(batch: dict[str, torch.Tensor], runtime: Runtime) -> dict[str, torch.Tensor]:
     return {k: v.to(runtime.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
@@ -106,7 +106,7 @@ def _output_head(model: Any) -> torch.nn.Module | None:
     return head if isinstance(head, torch.nn.Module) else None
 
 
-def _forward_loss(model: Any, batch: dict[str, torch.Tensor], runtime: Runtime) -> torch.Tensor:
+def forward_loss(model: Any, batch: dict[str, torch.Tensor], runtime: Runtime) -> torch.Tensor:
     """Mean cross-entropy over the target tokens, computing logits for the target positions only.
 
     Only response tokens carry loss, and in instruction data they are a small
@@ -159,7 +159,7 @@ def validation_loss(
         n = int(batch["num_target_tokens"])
         if n == 0:
             continue
-        loss = _forward_loss(model, _to_device(batch, runtime), runtime)
+        loss = forward_loss(model, to_device(batch, runtime), runtime)
         total += float(loss) * n
         count += n
     if was_training:
@@ -443,7 +443,7 @@ class _Loop:
             last = index == len(collated) - 1
             sync = nullcontext() if last or self.world.size == 1 else self.net.no_sync()
             with sync:
-                loss = _forward_loss(self.net, _to_device(batch, self.runtime), self.runtime)
+                loss = forward_loss(self.net, to_device(batch, self.runtime), self.runtime)
                 # Weight every micro-batch of every rank by its share of the step's target tokens, so
                 # accumulation and the all-reduce (a mean over ranks, hence the world size) equal one big batch.
                 (loss * n * self.world.size / max(targets, 1)).backward()  # type: ignore[no-untyped-call]
