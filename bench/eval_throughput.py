@@ -52,7 +52,7 @@ def main() -> int:
 
     logging.disable(logging.WARNING)
     transformers.logging.set_verbosity_error()
-    from kubetune_trainer import baselines, data, evaluate, modeling
+    from kubetune_trainer import baselines, data, evaluate, generation, modeling
     from kubetune_trainer.config import EvaluationConfig, MethodConfig
 
     if args.model is None:
@@ -86,6 +86,18 @@ def main() -> int:
     score(args.batch_size, args.batch_size)  # warm-up: the first calls allocate and pick kernels
     one, one_wall, one_cpu = timed(lambda: score(1))
     many, many_wall, many_cpu = timed(lambda: score(args.batch_size))
+    # The same batches with every prompt run in full: what running a batch's shared prefix once saves.
+    sharing = generation.SHARED_PREFIX_MIN
+    generation.SHARED_PREFIX_MIN = 1 << 30
+    try:
+        full, full_wall, full_cpu = timed(lambda: score(args.batch_size))
+    finally:
+        generation.SHARED_PREFIX_MIN = sharing
+    encoded = [data.render_prompt(tokenizer, p) for p in prompts]
+    ordered = [encoded[i] for i in sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))]  # as scored
+    shared = [
+        generation.shared_prefix(ordered[i : i + args.batch_size]) for i in range(0, len(ordered), args.batch_size)
+    ]
     result = {
         "benchmark": "eval_throughput",
         "model": str(args.model.name),
@@ -113,9 +125,17 @@ def main() -> int:
             "cpu_seconds": round(many_cpu, 2),
             "metrics": many.metrics,
         },
+        f"batched_{args.batch_size}_without_shared_prefix": {
+            "examples_per_second": round(len(examples) / full_wall, 2),
+            "wall_seconds": round(full_wall, 2),
+            "cpu_seconds": round(full_cpu, 2),
+            "metrics": full.metrics,
+        },
+        "shared_prefix_tokens_per_batch": shared,
+        "shared_prefix_speedup_wall": round(full_wall / many_wall, 2),
         "speedup_wall": round(one_wall / many_wall, 2),
         "speedup_cpu": round(one_cpu / many_cpu, 2),
-        "same_scores": one.metrics == many.metrics,
+        "same_scores": one.metrics == many.metrics == full.metrics,
         "same_predictions": one.samples == many.samples,
     }
     print(json.dumps(result, indent=2))
