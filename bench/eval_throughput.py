@@ -60,7 +60,7 @@ def main() -> int:
         from tests.models import SMOLLM2, ensure
 
         args.model = ensure(SMOLLM2)
-    runtime = modeling.pick_runtime("auto")
+    runtime = modeling.for_evaluation(modeling.pick_runtime("auto"))  # as the trainer scores
     tokenizer = modeling.load_tokenizer(args.model)
     model = modeling.load_base_model(args.model, MethodConfig(), runtime).eval()
     examples = data.load_jsonl(SUPPORT / "heldout.jsonl").examples[: args.examples]

@@ -169,7 +169,8 @@ def test_torchrun_data_parallel_on_cpu(tiny_model: Path, tmp_path: Path) -> None
         tiny_model,
         # No adapter dropout: one process and two ranks would draw different masks.
         method={"type": "LoRA", "lora": {"rank": 32, "alpha": 64, "dropout": 0}},
-        training={"max_steps": 6, "checkpoint_every_steps": 3},
+        # fp32: the comparison below allows the float-sum order, not bf16's rounding (on a CPU with bf16, auto).
+        training={"max_steps": 6, "checkpoint_every_steps": 3, "precision": "fp32"},
         evaluation={"max_new_tokens": 4, "max_examples": 4},
     )
     alone = cfg.model_copy(update={"output_uri": f"file://{tmp_path}/out/alone/", "work_dir": str(tmp_path / "w1")})
@@ -228,6 +229,34 @@ def test_every_rank_takes_its_share_of_the_global_batch(batch: str, size: int, s
     assert got == shares
     if len(batch) >= size:
         assert sorted("".join(got)) == sorted(batch)
+
+
+@pytest.mark.parametrize(
+    ("precision", "native_bf16", "autocast"),
+    [
+        ("auto", True, torch.bfloat16),
+        ("bf16", True, torch.bfloat16),
+        ("auto", False, None),
+        ("fp32", True, None),
+        ("bf16", False, "error"),
+        ("fp16", True, "error"),
+    ],
+)
+def test_cpu_precision_bf16_only_with_native_instructions(
+    monkeypatch: pytest.MonkeyPatch, precision: str, native_bf16: bool, autocast: Any
+) -> None:
+    """This machine's CPU decides one row; the others are what a CPU with (or without) avx512_bf16 gets."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine picks the GPU")
+    monkeypatch.setattr(modeling, "cpu_has_bf16", lambda: native_bf16)
+    if autocast == "error":
+        with pytest.raises(modeling.MethodUnavailableError, match=f"precision {precision} needs a CUDA GPU"):
+            modeling.pick_runtime(precision)
+        return
+    runtime = modeling.pick_runtime(precision)
+    assert (runtime.device.type, runtime.dtype, runtime.autocast) == ("cpu", torch.float32, autocast)
+    scoring = modeling.for_evaluation(runtime)  # evaluation and serving: fp32 on a CPU
+    assert (scoring.dtype, scoring.autocast, scoring.precision) == (torch.float32, None, "fp32")
 
 
 def test_qlora_on_cpu_fails_fast_with_a_clear_reason(tiny_model: Path, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ training, evaluation and serving agree on them.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,8 +56,22 @@ class Runtime:
         return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.autocast or self.dtype, "fp32")
 
 
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Native bf16 matrix instructions on this CPU (avx512_bf16 or AMX), where bf16 autocast pays off.
+
+    Without them PyTorch emulates bf16 matmuls, slower than fp32; with them SmolLM2-135M trained 1.4x
+    as fast on 2 cores (461 against 327 tokens/s) to the same eval scores (docs/trainer.md).
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def pick_runtime(precision: str) -> Runtime:
-    """Device and precision: bf16 where the GPU has it, fp32 on CPU."""
+    """Device and precision for training: bf16 autocast where the GPU or the CPU has native bf16, else fp32."""
     if torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
         if precision in ("auto", "bf16") and torch.cuda.is_bf16_supported():
@@ -66,9 +81,27 @@ def pick_runtime(precision: str) -> Runtime:
         if precision == "fp16":
             return Runtime(device, torch.float32, torch.float16)
         return Runtime(device, torch.float32, None)
-    if precision in ("bf16", "fp16"):
-        raise MethodUnavailableError(f"precision {precision} needs a CUDA GPU; use precision: auto or fp32 on CPU")
-    return Runtime(torch.device("cpu"), torch.float32, None)
+    cpu = torch.device("cpu")
+    if precision in ("auto", "bf16") and cpu_has_bf16():
+        return Runtime(cpu, torch.float32, torch.bfloat16)
+    if precision == "bf16":
+        raise MethodUnavailableError(
+            "precision bf16 needs a CUDA GPU or a CPU with avx512_bf16 or amx_bf16, which this one lacks; "
+            "use precision: auto or fp32"
+        )
+    if precision == "fp16":
+        raise MethodUnavailableError("precision fp16 needs a CUDA GPU; use precision: auto or fp32 on a CPU")
+    return Runtime(cpu, torch.float32, None)
+
+
+def for_evaluation(runtime: Runtime) -> Runtime:
+    """The runtime that scores and serves: on a CPU always fp32, on a GPU the training runtime.
+
+    bf16 autocast on a CPU is for training speed. Scores computed in fp32 are the same on every
+    CPU, whether it has bf16 or not, equal what the reference server answers, and keep batched
+    generation's answers equal to one-at-a-time generation's.
+    """
+    return Runtime(runtime.device, runtime.dtype, None) if runtime.device.type == "cpu" else runtime
 
 
 def _linear_layers(model: Any) -> dict[str, list[Any]]:

@@ -295,8 +295,9 @@ def _evaluate(
             cfg, progress, "fetching evaluation.generalText", lambda: storage.fetch_file(uri, local, settings)
         )
         general = fetched.read_text("utf-8")
+    runtime = modeling.for_evaluation(trained.runtime)  # fp32 on a CPU, whatever training used
     separate_base = (
-        modeling.load_base_model(trained.model_dir, cfg.method, trained.runtime) if cfg.method.type == "Full" else None
+        modeling.load_base_model(trained.model_dir, cfg.method, runtime) if cfg.method.type == "Full" else None
     )
     report = evaluate.run_evaluation(
         trained.model,
@@ -305,7 +306,7 @@ def _evaluate(
         trained.curated.eval,
         trained.curated.train,
         cfg.evaluation,
-        trained.runtime,
+        runtime,
         max_seq_length=cfg.training.max_seq_length,
         seed=cfg.training.seed,
         general_text=general,

@@ -287,7 +287,7 @@ class Engine:
 
         self.base_name = options.base_model_name
         self.adapters = list(options.adapters)
-        self.runtime = modeling.pick_runtime("auto")
+        self.runtime = modeling.for_evaluation(modeling.pick_runtime("auto"))  # the evaluation's precision
         self.tokenizer = modeling.load_tokenizer(options.base_model)
         # The trainer renders prompts with this fallback when the base has no template; so must serving.
         data.ensure_chat_template(self.tokenizer)

@@ -294,7 +294,12 @@ class TrainingSpec(KubeModel):
         default=True, description="Pack short examples into full sequences (no cross-example attention)."
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        default="auto", description="Compute precision; auto picks bf16 where the GPU supports it, else fp32."
+        default="auto",
+        description=(
+            "Compute precision; auto picks bf16 autocast where the GPU supports it or the CPU has native bf16 "
+            "(avx512_bf16 or AMX), else fp32. On a CPU, bf16 is for training: evaluation runs in fp32. "
+            "fp16 needs a CUDA GPU."
+        ),
     )
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in the backward pass: less memory, ~30% slower."
