@@ -99,7 +99,7 @@ def _forward_parameters(model: Any) -> set[str]:
     return set(inspect.signature(base.forward).parameters)
 
 
-def _prefill_shared(model: Any, prompts: Sequence[Sequence[int]], shared: int, device: torch.device) -> dict[str, Any]:
+def _prefill_shared(model: Any, prefix: torch.Tensor, rows: int) -> dict[str, Any]:
     """The keys and values of the prompts' shared prefix, computed once and repeated for every row.
 
     Returns the keyword argument that hands them to ``generate``: ``cache`` in transformers 5,
@@ -111,9 +111,8 @@ def _prefill_shared(model: Any, prompts: Sequence[Sequence[int]], shared: int, d
     keyword = "cache" if "cache" in accepted else "past_key_values"
     extra = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}  # no logits wanted at all
     cache = DynamicCache(config=model.config)
-    prefix = torch.tensor([list(prompts[0][:shared])], dtype=torch.long, device=device)
     model(input_ids=prefix, use_cache=True, **{keyword: cache}, **extra)
-    cache.batch_repeat_interleave(len(prompts))
+    cache.batch_repeat_interleave(rows)
     return {keyword: cache}
 
 
@@ -146,8 +145,8 @@ def generate(
     autocast = torch.autocast(runtime.device.type, dtype=runtime.autocast) if runtime.autocast else nullcontext()
     with autocast:
         if shared:
-            options |= _prefill_shared(model, prompts, shared, runtime.device)
             prefix = torch.tensor([list(prompts[0][:shared])], dtype=torch.long, device=runtime.device)
+            options |= _prefill_shared(model, prefix, len(prompts))
             ids = torch.cat([prefix.expand(len(prompts), -1), ids], dim=1)
             mask = torch.cat([torch.ones_like(prefix).expand(len(prompts), -1), mask], dim=1)
         out = model.generate(
