@@ -516,10 +516,13 @@ class ChartOperator(Operator):
         if self in RUNNING:
             RUNNING.remove(self)
 
+    def _pods(self) -> list[dict[str, Any]]:
+        """The release's pods, those being deleted included."""
+        return list_items(self.cluster, self.NAMESPACE, "pods", f"app.kubernetes.io/instance={self.RELEASE}")
+
     def pod(self) -> dict[str, Any] | None:
         """The operator's pod (not one being deleted), or None when scaled to 0."""
-        listed = list_items(self.cluster, self.NAMESPACE, "pods", f"app.kubernetes.io/instance={self.RELEASE}")
-        found = [p for p in listed if not p["metadata"].get("deletionTimestamp")]
+        found = [p for p in self._pods() if not p["metadata"].get("deletionTimestamp")]
         return found[0] if found else None
 
     def _scale(self, replicas: int) -> None:
@@ -541,7 +544,9 @@ class ChartOperator(Operator):
             self._kill(pod)
         self._save_logs()
         self._scale(0)
-        wait_for("the operator pod to go", lambda: self.pod() is None or None, timeout=90)
+        # Every pod gone, the terminating one too: until its container has exited, the operator
+        # inside it may still be writing (kopf finishes the handlers under way on SIGTERM).
+        wait_for("the operator pod to go", lambda: not self._pods() or None, timeout=90)
 
     def restart(self) -> None:
         pod = self.pod()

@@ -43,9 +43,11 @@ class TimeoutApiClient(k8s.ApiClient):
 
     def __init__(self, configuration: k8s.Configuration, timeout: tuple[float, float]) -> None:
         # urllib3 would retry a timed-out read three times (a hung call then lasts four read timeouts,
-        # and a POST may be sent twice); only connection failures are retried here, the rest by the
-        # controllers' own back-off.
-        configuration.retries = Retry(total=2, connect=2, read=0, status=0, redirect=0)
+        # and a POST may be sent twice); only connection failures are retried here, and a 429 or 503
+        # that says when to come back (Retry-After: the API server refused the request before acting
+        # on it, e.g. while the watch cache of a CRD created a moment ago is still filling), the rest by
+        # the controllers' own back-off.
+        configuration.retries = Retry(total=6, connect=2, read=0, status=4, redirect=0, status_forcelist=())
         super().__init__(configuration)
         self.default_timeout = timeout
 
@@ -99,7 +101,7 @@ def build_registry(
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         return kopf.login_via_client(**kwargs)
 
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(registry=registry, backoff=5)  # kopf's default: try again in 60 s
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         # The controllers keep no kopf state in objects (no change-detecting handlers); were kopf ever to
         # write some, it would be under kubetune.io names. kopf removes its own finalizer from objects
