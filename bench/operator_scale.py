@@ -119,6 +119,7 @@ from bench.scale.processes import (  # noqa: E402
     process_cpu_s,
     tree_cpu_s,
 )
+from bench.scale.profile import Profiler  # noqa: E402
 from bench.scale.requests import operator_log_summary, per_finetune, scrape_metrics, summarize_requests  # noqa: E402
 from bench.scale.steady import run_steady  # noqa: E402
 from tests.cluster import Cluster  # noqa: E402
@@ -287,12 +288,15 @@ def run_size(
         machine_before = psutil.cpu_times()
 
         log(f"N={size}: creating {size} FineTunes in {namespace} ({args.create_concurrency} concurrent creates)")
+        profiler = Profiler.start(operator.popen.pid, workdir / "operator-profile.txt") if args.profile else None
         t_apply = time.monotonic()
         created = create_all(api, namespace, template, size, args.create_concurrency)
         t_applied = time.monotonic()
         failed = [c for c in created if c.error]
         all_jobs = watch.wait_count(size - len(failed), args.timeout, lambda: operator.popen.poll() is None)
         t_jobs = time.monotonic()
+        if profiler is not None:
+            result["profile"] = profiler.stop()
         sampler.mark()
         cpu_after = {name: cpu_of[name](p) for name, p in procs.items()}
         machine_after = psutil.cpu_times()
@@ -488,10 +492,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steady-seconds", type=float, default=120, help="the steady-state measuring window")
     parser.add_argument("--progress-interval", type=float, default=10, help="simulated trainers' progress interval")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="record the operator with py-spy from the first create to the last Job (GIL-holding samples; "
+        "collapsed stacks in the working folder, a summary in the JSON; implies --keep)",
+    )
     parser.add_argument("--workdir", help="where the cluster and logs go (default: a new temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the working folder (logs) afterwards")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    args.keep = args.keep or args.profile
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kubetune-bench-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
