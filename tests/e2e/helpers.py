@@ -31,7 +31,8 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune.builders.security import restricted_container, restricted_pod
 from kubetune.controllers.kube import Kube
-from kubetune.controllers.operator import API_TIMEOUT, TimeoutApiClient
+from kubetune.controllers.operator import API_TIMEOUT
+from kubetune.controllers.transport import ApiTransport
 from kubetune_trainer import storage
 from tests.cluster import Cluster, KubectlError, images
 from tests.conftest import RESTRICTED, ROOT
@@ -213,7 +214,7 @@ def reader(cluster: Cluster) -> Kube:
     if key not in _READERS:
         configuration = k8s.Configuration()
         k8s_config.load_kube_config(config_file=key, client_configuration=configuration)  # type: ignore[no-untyped-call]
-        _READERS[key] = Kube(TimeoutApiClient(configuration, API_TIMEOUT))  # every poll ends
+        _READERS[key] = Kube(ApiTransport(configuration, API_TIMEOUT))  # every poll ends
     return _READERS[key]
 
 

@@ -7,13 +7,16 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
 
 from kubetune.controllers.leader import LeaderElection
 from kubetune.controllers.operator import TimeoutApiClient
+from kubetune.controllers.transport import ApiTransport
 
 ACCEPTED: list[socket.socket] = []
 
@@ -83,58 +86,177 @@ def test_a_leader_whose_renewal_hangs_gives_up_within_the_renew_deadline(black_h
     election.release()
 
 
-def _answering(statuses: list[tuple[int, dict[str, str]]]) -> tuple[http.server.HTTPServer, list[str]]:
-    """An HTTP server that answers its requests with ``statuses`` in turn (then 200 with an empty list)."""
-    seen: list[str] = []
+def transport(url: str, timeout: tuple[float, float]) -> ApiTransport:
+    configuration = k8s.Configuration()
+    configuration.host = url
+    return ApiTransport(configuration, timeout)
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def _answer(self) -> None:
-            seen.append(self.command)
-            code, headers = statuses.pop(0) if statuses else (200, {})
-            body = json.dumps({"kind": "NamespaceList", "items": []} if code == 200 else {"code": code}).encode()
-            self.send_response(code)
-            for key, value in {"Content-Type": "application/json", **headers}.items():
-                self.send_header(key, value)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
 
-        do_GET = do_POST = _answer
+def test_the_controllers_transport_times_out_once_on_a_hung_api_server(black_hole: str) -> None:
+    api = transport(black_hole, (0.5, 0.5))
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        api.request("GET", "/api/v1/namespaces/default")
+    assert time.monotonic() - started < 2
+    assert len(ACCEPTED) == 1  # a timed-out read is not sent again
 
-        def log_message(self, *_: object) -> None:
-            pass
 
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, seen
+Answer = tuple[int, dict[str, str]]
+
+
+class Answering(http.server.BaseHTTPRequestHandler):
+    """Answers with the server's ``statuses`` in turn (then 200 and an empty list); counts what it was sent."""
+
+    protocol_version = "HTTP/1.1"  # keeps connections, as the API server does
+    server: AnsweringServer
+
+    def answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.server.seen.append((self.command, self.path, self.rfile.read(length), dict(self.headers)))
+        code, headers = self.server.statuses.pop(0) if self.server.statuses else (200, {})
+        headers = dict(headers)
+        # "close": answer as if keeping the connection, then close it (an API server restarting, an idle timeout)
+        self.close_connection = headers.pop("close", None) is not None
+        body = json.dumps({"kind": "List", "items": []} if code == 200 else {"message": f"no ({code})"}).encode()
+        self.send_response(code)
+        for key, value in {"Content-Type": "application/json", **headers}.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self.answer()
+
+    def do_POST(self) -> None:
+        self.answer()
+
+    def do_PATCH(self) -> None:
+        self.answer()
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+class AnsweringServer(http.server.ThreadingHTTPServer):
+    def __init__(self, statuses: list[Answer]) -> None:
+        super().__init__(("127.0.0.1", 0), Answering)
+        self.statuses = statuses
+        self.seen: list[tuple[str, str, bytes, dict[str, str]]] = []
+        self.connections = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.connections += 1
+        super().process_request(request, client_address)
+
+
+@pytest.fixture
+def answering() -> Iterator[Callable[[list[Answer]], AnsweringServer]]:
+    servers: list[AnsweringServer] = []
+
+    def start(statuses: list[Answer]) -> AnsweringServer:
+        server = AnsweringServer(list(statuses))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.parametrize(
     ("method", "statuses", "succeeds", "requests"),
     [
+        ("GET", [], True, 1),
         # the API server refused before acting and said when to come back (a CRD's watch cache filling)
         ("GET", [(429, {"Retry-After": "0"})] * 2, True, 3),
+        ("POST", [(429, {"Retry-After": "0"})], True, 2),  # a 429 was not acted on: a write may go again
         ("GET", [(503, {"Retry-After": "0"})], True, 2),
+        ("POST", [(503, {"Retry-After": "0"})], False, 1),  # a 503 may come after a write was done
         ("GET", [(429, {"Retry-After": "0"})] * 9, False, 5),  # not for ever
         ("GET", [(429, {})], False, 1),  # no Retry-After: the controllers' own back-off decides
         ("GET", [(500, {"Retry-After": "0"})], False, 1),
-        ("POST", [(429, {"Retry-After": "0"})], False, 1),  # a write is never sent twice by the client
+        ("GET", [(404, {})], False, 1),
     ],
 )
-def test_a_refused_request_is_tried_again_only_when_the_server_says_when(
-    method: str, statuses: list[tuple[int, dict[str, str]]], succeeds: bool, requests: int
+def test_a_refused_request_is_sent_again_only_when_the_server_says_when(
+    answering: Callable[[list[Answer]], AnsweringServer],
+    method: str,
+    statuses: list[Answer],
+    succeeds: bool,
+    requests: int,
 ) -> None:
-    server, seen = _answering(list(statuses))
-    try:
-        api = client(f"http://127.0.0.1:{server.server_address[1]}", (2, 2))
-        core = k8s.CoreV1Api(api)
-        call = core.list_namespace if method == "GET" else lambda: core.create_namespace({"metadata": {"name": "x"}})
-        if succeeds:
-            call()
-        else:
-            with pytest.raises(Exception, match=r"\(5\d\d\)|\(429\)|too many"):
-                call()
-        assert len(seen) == requests
-    finally:
-        server.shutdown()
-        server.server_close()
+    server = answering(statuses)
+    api = transport(f"http://127.0.0.1:{server.server_address[1]}", (2, 2))
+    body = {"metadata": {"name": "x"}} if method == "POST" else None
+    if succeeds:
+        assert api.request(method, "/api/v1/namespaces", body=body) == {"kind": "List", "items": []}
+    else:
+        with pytest.raises(ApiException) as raised:
+            api.request(method, "/api/v1/namespaces", body=body)
+        assert raised.value.status == statuses[-1][0]
+        assert "no (" in raised.value.body
+    assert len(server.seen) == requests
+    assert server.connections == 1  # every try on the one kept connection
+
+
+def test_requests_carry_the_token_the_body_and_the_query_on_kept_connections(
+    answering: Callable[[list[Answer]], AnsweringServer],
+) -> None:
+    server = answering([])
+    configuration = k8s.Configuration()
+    configuration.host = f"http://127.0.0.1:{server.server_address[1]}/prefix"
+    refreshed: list[str] = []
+
+    def refresh(c: k8s.Configuration) -> None:  # the kubeconfig loader's and the in-cluster loader's hook
+        refreshed.append("yes")
+        c.api_key["authorization"] = "one"
+
+    configuration.api_key_prefix["authorization"] = "Bearer"
+    configuration.refresh_api_key_hook = refresh
+    api = ApiTransport(configuration, (2, 2))
+    api.request("PATCH", "/apis/x/v1/things/a/status", body={"status": {"phase": "Running"}},
+                content_type="application/merge-patch+json")  # fmt: skip
+    api.request("GET", "/apis/x/v1/things", query=[("labelSelector", "a=b,c")])
+    (m1, p1, b1, h1), (m2, p2, b2, h2) = server.seen
+    assert (m1, p1, json.loads(b1), h1["Authorization"]) == (
+        "PATCH", "/prefix/apis/x/v1/things/a/status", {"status": {"phase": "Running"}}, "Bearer one")  # fmt: skip
+    assert h1["Content-Type"] == "application/merge-patch+json"
+    assert (m2, p2, b2, h2["Authorization"]) == ("GET", "/prefix/apis/x/v1/things?labelSelector=a%3Db%2Cc", b"",
+                                                 "Bearer one")  # fmt: skip
+    assert server.connections == 1
+    assert refreshed == ["yes"]  # read once for both requests, not per request
+
+
+@pytest.mark.parametrize(("rotated", "requests", "succeeds"), [(True, 2, True), (False, 1, False)])
+def test_a_401_is_answered_with_the_token_read_again_once(
+    answering: Callable[[list[Answer]], AnsweringServer], rotated: bool, requests: int, succeeds: bool
+) -> None:
+    server = answering([(401, {}), (401, {})])
+    configuration = k8s.Configuration()
+    configuration.host = f"http://127.0.0.1:{server.server_address[1]}"
+    tokens = iter(["old", "new" if rotated else "old"])
+    configuration.refresh_api_key_hook = lambda c: c.api_key.update(authorization=next(tokens))
+    api = ApiTransport(configuration, (2, 2))
+    if succeeds:
+        server.statuses.pop()  # the second try is accepted
+        api.request("GET", "/api")
+    else:
+        with pytest.raises(ApiException, match=r"\(401\)"):
+            api.request("GET", "/api")
+    assert [h["Authorization"] for *_, h in server.seen] == ["old", "new"][:requests]
+
+
+def test_a_kept_connection_the_server_closed_is_replaced(
+    answering: Callable[[list[Answer]], AnsweringServer],
+) -> None:
+    server = answering([(200, {"close": "yes"})])
+    api = transport(f"http://127.0.0.1:{server.server_address[1]}", (2, 2))
+    api.request("GET", "/api")
+    assert len(api._idle) == 1  # kept: the answer did not say it would close
+    time.sleep(0.2)  # the server has closed its end
+    assert api.request("GET", "/api") == {"kind": "List", "items": []}
+    assert len(server.seen) == 2
+    assert server.connections == 2

@@ -8,7 +8,6 @@ settings built from a FineTune's credentials Secret.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import threading
 import time
@@ -16,11 +15,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from kubetune.api.types import API_GROUP, API_VERSION
 from kubetune.builders.meta import owned_by
+from kubetune.controllers.transport import ApiTransport
 from kubetune_trainer import storage
 
 log = logging.getLogger("kubetune")
@@ -70,14 +69,15 @@ def _custom_path(plural: str, namespace: str | None, name: str = "") -> str:
 class Kube:
     """The operator's API access, shared by the controllers (implements :class:`KubeAPI`).
 
-    Requests go through the Kubernetes client's transport (its configuration, auth,
-    TLS, timeouts and connection pool) but send and return plain JSON: the generated
-    API classes would validate every body into models and back (with pydantic, in
-    client 33+), which cost more CPU per FineTune than everything else the operator
+    Requests send and return plain JSON through :class:`ApiTransport` (kept
+    connections, the client's configuration and credentials): the generated
+    API classes would validate every body into models and back, and the
+    client's own transport walks every body and scans the environment on every
+    call; both cost more CPU per FineTune than everything else the operator
     does for it.
     """
 
-    api: k8s.ApiClient
+    api: ApiTransport
     # Credentials read from Secrets, by (namespace, name), for a short while: the
     # progress timer needs them every few seconds and must not GET the Secret each time.
     _secrets: dict[tuple[str, str], tuple[float, dict[str, str]]] = field(default_factory=dict)
@@ -93,20 +93,7 @@ class Kube:
         content_type: str = "application/json",
     ) -> Any:
         """One API request; the decoded JSON answer. Raises ApiException for an error status."""
-        headers = {"Accept": "application/json", "Content-Type": content_type}
-        serialized = self.api.param_serialize(
-            method=method,
-            resource_path=path,
-            query_params=query or None,
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        response = self.api.call_api(*serialized)
-        data = response.read()  # type: ignore[no-untyped-call]
-        if not 200 <= response.status <= 299:
-            raise ApiException.from_response(http_resp=response, body=data.decode(errors="replace"), data=None)
-        return json.loads(data) if data else None
+        return self.api.request(method, path, body=body, query=query, content_type=content_type)
 
     def _get(self, path: str, **kwargs: Any) -> dict[str, Any] | None:
         """GET ``path``; None when it does not exist."""

@@ -30,6 +30,7 @@ from kubetune.controllers.finetune import FineTuneController
 from kubetune.controllers.kube import Kube
 from kubetune.controllers.leader import LeaderElection
 from kubetune.controllers.scheduler import Scheduler
+from kubetune.controllers.transport import ApiTransport
 
 log = logging.getLogger("kubetune")
 
@@ -60,16 +61,23 @@ class TimeoutApiClient(k8s.ApiClient):
 API_TIMEOUT = (5.0, 30.0)  # connect, read
 
 
-def api_client(workers: int = 8) -> k8s.ApiClient:
-    """In-cluster credentials when running in a pod, else the kubeconfig ($KUBECONFIG); every request times out."""
+def api_configuration() -> k8s.Configuration:
+    """In-cluster credentials when running in a pod, else the kubeconfig ($KUBECONFIG)."""
     try:
         k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
     except k8s_config.ConfigException:
         k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
-    configuration = k8s.Configuration.get_default_copy()
-    # One connection per handler thread, or requests queue for a free connection under load.
-    configuration.connection_pool_maxsize = max(configuration.connection_pool_maxsize or 0, workers * 2)
-    return TimeoutApiClient(configuration, API_TIMEOUT)
+    return k8s.Configuration.get_default_copy()
+
+
+def api_client() -> k8s.ApiClient:
+    """The Kubernetes client (for the leader election's Lease calls); every request times out."""
+    return TimeoutApiClient(api_configuration(), API_TIMEOUT)
+
+
+def api_transport(workers: int = 8) -> ApiTransport:
+    """The controllers' requests; one kept connection per handler thread and scheduler thread."""
+    return ApiTransport(api_configuration(), API_TIMEOUT, keep=workers * 2)
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -143,7 +151,7 @@ def build_registry(
     def stop(**_: Any) -> None:
         scheduler.stop()
 
-    kube = Kube(api=api_client(workers))
+    kube = Kube(api=api_transport(workers))
     scheduler = Scheduler()  # shared: retries, progress polls and rollout checks of both controllers
     finetunes = FineTuneController(kube, operator_settings, scheduler)
     adapterdeployments = AdapterDeploymentController(kube, operator_settings, scheduler)

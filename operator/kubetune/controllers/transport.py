@@ -1,0 +1,229 @@
+"""The operator's requests to the API server: plain JSON over kept HTTP/1.1 connections.
+
+Every request of :class:`~kubetune.controllers.kube.Kube` used to go through the
+Kubernetes client's ``ApiClient``: a recursive walk of the body to "sanitize"
+it, urllib3's pool manager and retry objects, a scan of the environment for
+proxies on every call. A CPU profile of the operator during a burst of a
+thousand FineTunes (yappi, CPU clock) put 39% of the operator's time under
+``Kube.request``, most of it in those layers rather than on the socket or in
+JSON. The bodies are plain JSON already, so this module sends them with the
+standard library's ``http.client`` on connections kept for the next request.
+
+What it keeps of the client: the configuration it loads (in-cluster service
+account or kubeconfig: host, CA, client certificate, token), the token's
+refresh hook (a projected service-account token rotates; a kubeconfig exec
+plugin's token expires), and the error type (``ApiException``) callers catch.
+
+Retries, all bounded: a connection that cannot be made (twice more); a kept
+connection the server closed meanwhile (once, on a new one); a 429 that says
+when to come back (``Retry-After``: the API server refused the request before
+acting on it, e.g. a CRD's watch cache still filling after it was created, or
+priority-and-fairness shedding load), and a 503 with ``Retry-After`` for reads,
+up to four times; a 401 once, with the token read again. A read that times out is never retried here: a hung call
+would otherwise last several timeouts; the controllers' own back-off decides.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import select
+import socket
+import ssl
+import threading
+import time
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+
+CONNECT_ATTEMPTS = 3
+REFUSED_ATTEMPTS = 5  # one request and up to four more after a Retry-After
+MAX_RETRY_AFTER_S = 10.0
+AUTH_REFRESH_S = 10.0
+READS = frozenset({"GET", "HEAD"})
+
+
+def _retry_after(method: str, status: int, headers: http.client.HTTPMessage) -> float | None:
+    """Seconds to wait before sending the request again, or None when it must not be sent again."""
+    value = headers.get("Retry-After")
+    if value is None or not (status == 429 or (status == 503 and method in READS)):
+        return None
+    try:
+        return min(max(float(value), 0.0), MAX_RETRY_AFTER_S)
+    except ValueError:
+        return None
+
+
+def _dropped(conn: http.client.HTTPConnection) -> bool:
+    """Whether the server closed a kept connection (its socket reads as ready: EOF, or an unasked-for byte)."""
+    if conn.sock is None:
+        return True
+    try:
+        readable, _, _ = select.select([conn.sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+class ApiTransport:
+    """HTTP(S) to one API server, on connections kept between requests (up to ``keep`` idle)."""
+
+    def __init__(
+        self, configuration: k8s.Configuration, timeout: tuple[float, float] = (5.0, 30.0), keep: int = 16
+    ) -> None:
+        self.configuration = configuration
+        self.connect_timeout, self.read_timeout = timeout
+        self.keep = keep
+        url = urlsplit(configuration.host)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"the API server's address {configuration.host!r} is not an http(s) URL")
+        self.scheme, self.hostname = url.scheme, url.hostname
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self.base_path = url.path.rstrip("/")
+        self.netloc = url.netloc
+        self.server_name = configuration.tls_server_name or self.hostname
+        self.tls = self._tls_context() if url.scheme == "https" else None
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._auth: str | None = None
+        self._auth_read = -AUTH_REFRESH_S
+
+    def _tls_context(self) -> ssl.SSLContext:
+        c = self.configuration
+        if not c.verify_ssl:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        else:
+            context = ssl.create_default_context(cafile=c.ssl_ca_cert, cadata=c.ca_cert_data)
+        if c.cert_file:
+            context.load_cert_chain(c.cert_file, c.key_file)
+        return context
+
+    # ------------------------------------------------------------------ connections
+
+    def _connect(self) -> http.client.HTTPConnection:
+        """A new connection, made now (``CONNECT_ATTEMPTS`` tries for a server that refuses or is unreachable)."""
+        for attempt in range(CONNECT_ATTEMPTS):
+            try:
+                sock = socket.create_connection((self.hostname, self.port), timeout=self.connect_timeout)
+            except OSError as e:  # refused, unreachable, timed out, no such host
+                if attempt == CONNECT_ATTEMPTS - 1:
+                    raise ConnectionError(f"cannot connect to the API server at {self.netloc}: {e}") from e
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                if self.tls is not None:
+                    sock = self.tls.wrap_socket(sock, server_hostname=self.server_name)
+            except BaseException:
+                sock.close()
+                raise
+            sock.settimeout(self.read_timeout)
+            conn = http.client.HTTPConnection(self.hostname, self.port, timeout=self.read_timeout)
+            conn.sock = sock
+            return conn
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _take(self) -> tuple[http.client.HTTPConnection, bool]:
+        """(a connection, whether it was kept from an earlier request)."""
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return self._connect(), False
+            if not _dropped(conn):
+                return conn, True
+            conn.close()
+
+    def _give_back(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if len(self._idle) < self.keep:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    # ------------------------------------------------------------------ requests
+
+    def authorization(self, fresh: bool = False) -> str | None:
+        """The Authorization header's value, from the client's refresh hook at most every ``AUTH_REFRESH_S``.
+
+        The hook re-reads a projected service-account token or a kubeconfig's credentials (the
+        kubeconfig loader's hook scans the environment each time: a quarter of the operator's CPU
+        per request when called for every one). A token that expired meanwhile is answered with a
+        401, and the request is sent once more with a ``fresh`` one.
+        """
+        now = time.monotonic()
+        if fresh or now - self._auth_read >= AUTH_REFRESH_S:
+            self._auth = self.configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
+            self._auth_read = now
+        return self._auth
+
+    def headers(self, content_type: str) -> dict[str, str]:
+        headers = {"Accept": "application/json", "Content-Type": content_type, "User-Agent": "kubetune-operator"}
+        token = self.authorization()
+        if token:
+            headers["Authorization"] = token
+        return headers
+
+    def _exchange(
+        self, method: str, target: str, body: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, str, http.client.HTTPMessage, bytes]:
+        """One request and its answer; a kept connection found broken is replaced once."""
+        for attempt in range(2):
+            conn, kept = self._take()
+            try:
+                conn.request(method, target, body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+            except TimeoutError:
+                conn.close()
+                raise
+            except (ConnectionError, http.client.HTTPException, ssl.SSLError):
+                conn.close()
+                if kept and attempt == 0:
+                    continue  # the server closed or broke the kept connection: once more, on a new one
+                raise
+            if response.will_close:
+                conn.close()
+            else:
+                self._give_back(conn)
+            return response.status, response.reason, response.headers, data
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str = "application/json",
+    ) -> Any:
+        """``method path`` with ``body`` as JSON; the decoded JSON answer. Raises ApiException for an error status."""
+        target = self.base_path + path + (f"?{urlencode(query)}" if query else "")
+        payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        reauthenticated = False
+        for attempt in range(REFUSED_ATTEMPTS):
+            sent = self.headers(content_type)
+            status, reason, headers, data = self._exchange(method, target, payload, sent)
+            if status == 401 and not reauthenticated:
+                reauthenticated = True
+                if self.authorization(fresh=True) != sent.get("Authorization"):
+                    continue  # the token was rotated or expired since it was read: once more with the new one
+            wait = _retry_after(method, status, headers) if attempt < REFUSED_ATTEMPTS - 1 else None
+            if wait is None:
+                break
+            time.sleep(wait)
+        if not 200 <= status <= 299:
+            error = ApiException(status=status, reason=reason, body=data.decode(errors="replace"))
+            error.headers = headers
+            raise error
+        return json.loads(data) if data else None
