@@ -289,6 +289,7 @@ def run_size(
 
         log(f"N={size}: creating {size} FineTunes in {namespace} ({args.create_concurrency} concurrent creates)")
         profiler = Profiler.start(operator.popen.pid, workdir / "operator-profile.txt") if args.profile else None
+        sampler.start_of_burst()
         t_apply = time.monotonic()
         created = create_all(api, namespace, template, size, args.create_concurrency)
         t_applied = time.monotonic()
@@ -314,6 +315,8 @@ def run_size(
         if args.settle > 0 and operator_alive:
             time.sleep(args.settle)
         t_settled = time.monotonic()
+        sampler.sample()
+        settled_rss = sampler.last
         custom = k8s.CustomObjectsApi(api)
         phases = Counter(
             (item.get("status") or {}).get("phase", "<none>")
@@ -402,6 +405,8 @@ def run_size(
     result["operator"] = {
         "peak_rss_mib": round((sampler.peak if sampler else 0) / 2**20, 1),
         "peak_rss_mib_up_to_jobs": round((sampler.marked_peak or 0) / 2**20, 1),
+        "rss_mib_before_burst": round((sampler.before_burst or 0) / 2**20, 1) if sampler else None,
+        "rss_mib_after_settle": round(settled_rss / 2**20, 1),
         "rss_samples": sampler.samples if sampler else 0,
         "exit_code": exit_code,
         "alive_at_last_job": operator_alive,

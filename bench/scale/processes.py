@@ -52,6 +52,8 @@ class RssSampler(threading.Thread):
         self.peak = 0
         self.samples = 0
         self.marked_peak: int | None = None
+        self.before_burst: int | None = None  # RSS when the first create was sent (the operator idle)
+        self.last = 0
         self._stop_event = threading.Event()
 
     def sample(self) -> None:
@@ -63,7 +65,12 @@ class RssSampler(threading.Thread):
         except psutil.Error:
             return
         self.peak = max(self.peak, rss)
+        self.last = rss
         self.samples += 1
+
+    def start_of_burst(self) -> None:
+        self.sample()
+        self.before_burst = self.last
 
     def mark(self) -> None:
         """Remember the peak so far (the peak up to the last Job)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -13,6 +13,7 @@ from kubetune.api.finetune import FineTuneStatus
 from kubetune.builders import finetune as build
 from kubetune.builders.settings import OperatorSettings
 from kubetune.controllers.finetune import MAX_RETRY_DELAY_S, FineTuneController
+from kubetune.controllers.kube import KubeAPI
 from kubetune_trainer.contract import Summary
 from tests.conftest import ROOT
 from tests.unit.fakes import FakeKube, ManualScheduler, api_error
@@ -574,6 +575,8 @@ def test_a_job_seen_before_its_finetune_is_followed_thanks_to_the_seed(
     restarted.seed([stored], [])  # what the start-up list returned
     trainer_pod(kube, job, succeeded_summary(), 0)
     restarted.job_seen("ADDED", set_job(job, succeeded=1, conditions=COMPLETE))  # before the FineTune's event
+    assert isinstance(restarted.scheduler, ManualScheduler)
+    restarted.scheduler.run(("job", obj["metadata"]["uid"]))  # the follow, handed to a scheduler thread
     assert status(kube, obj)["phase"] == "Succeeded"
 
 
@@ -591,15 +594,76 @@ def test_the_finetune_event_finds_its_job_in_the_lookup(kube: FakeKube, controll
     restarted.seed([], [job])
     kube.writes.clear()
     stored = kube.get("finetunes", NS, "support-bot-v1")
+    assert stored is not None
     restarted.finetune_seen("ADDED", stored)
+    assert isinstance(restarted.scheduler, ManualScheduler)
+    restarted.scheduler.run(("reconcile", stored["metadata"]["uid"]))
     assert [w for w in kube.writes if w[0] == "create"] == []  # it found its Job: nothing created twice
+
+
+class Calls:
+    """A KubeAPI that records the name of every method called on it, then calls the fake."""
+
+    def __init__(self, inner: FakeKube) -> None:
+        self.inner = inner
+        self.names: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self.inner, name)
+        if not callable(found):
+            return found
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.names.append(name)
+            return found(*args, **kwargs)
+
+        return call
+
+
+def test_events_make_no_api_call_and_those_of_one_object_fold_into_one_reconcile(
+    kube: FakeKube, controller: FineTuneController
+) -> None:
+    """kopf calls ``finetune_seen`` and ``job_seen`` in its event loop: they must not call the API."""
+    calls = Calls(kube)
+    controller.kube = cast(KubeAPI, calls)
+    scheduler = controller.scheduler
+    assert isinstance(scheduler, ManualScheduler)
+    obj = finetune(kube)
+    uid = obj["metadata"]["uid"]
+    controller.finetune_seen("ADDED", obj)
+    relabelled = {**obj, "metadata": {**obj["metadata"], "labels": {"team": "a"}}}
+    controller.finetune_seen("MODIFIED", relabelled)
+    assert calls.names == []
+    assert list(scheduler.work) == [("reconcile", uid)]  # one run for both events
+    scheduler.run(("reconcile", uid))
+    assert [w[0] for w in kube.writes] == ["create", "patch-status"]
+    assert controller.finetunes[uid]["metadata"]["labels"] == {"team": "a"}  # it read the newest copy
+    job = the_job(kube)
+    trainer_pod(kube, job, succeeded_summary(), 0)
+    calls.names.clear()
+    controller.job_seen("ADDED", set_job(job, active=1))
+    controller.job_seen("MODIFIED", set_job(job, succeeded=1, conditions=COMPLETE))
+    assert calls.names == []
+    assert ("job", uid) in scheduler.work
+    scheduler.run(("job", uid))
+    assert status(kube, obj)["phase"] == "Succeeded"  # the newest Job (complete) was followed
+    controller.finetune_seen("DELETED", obj)
+    assert not any(key[1] == uid for key in scheduler.work)  # forgotten at once, its work cancelled
+
+
+def seen(controller: FineTuneController, event_type: str, obj: dict[str, Any]) -> None:
+    """A FineTune's event as kopf delivers it, and the reconcile it schedules run at once."""
+    controller.finetune_seen(event_type, obj)
+    scheduler = controller.scheduler
+    assert isinstance(scheduler, ManualScheduler)
+    scheduler.run(("reconcile", obj["metadata"]["uid"]))
 
 
 def test_retention_delete_gets_the_finalizer_and_loses_it_once_the_artifacts_are_gone(
     kube: FakeKube, controller: FineTuneController, output: Path
 ) -> None:
     obj = finetune(kube, output={"retention": "Delete"})
-    controller.finetune_seen("ADDED", obj)
+    seen(controller, "ADDED", obj)
     stored = kube.get("finetunes", NS, "support-bot-v1")
     assert stored is not None
     assert stored["metadata"]["finalizers"] == ["kubetune.io/delete-artifacts"]
@@ -617,7 +681,8 @@ def test_retention_delete_gets_the_finalizer_and_loses_it_once_the_artifacts_are
 
 def test_retain_gets_no_finalizer(kube: FakeKube, controller: FineTuneController) -> None:
     obj = finetune(kube)
-    controller.finetune_seen("ADDED", obj)
+    seen(controller, "ADDED", obj)
+    assert the_job(kube)  # reconciled: the Job was created, with no finalizer on the FineTune
     assert not (kube.get("finetunes", NS, "support-bot-v1") or {})["metadata"].get("finalizers")
 
 

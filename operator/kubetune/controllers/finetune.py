@@ -459,7 +459,7 @@ class FineTuneController:
             state.pop(uid, None)
         self.backoff.succeeded(uid)
         self.job_of.pop(uid, None)
-        for work in ("retry", "progress", "follow", "delete"):
+        for work in ("reconcile", "job", "retry", "progress", "follow", "delete"):
             self.scheduler.cancel((work, uid))
 
     def seed(self, finetunes: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> None:
@@ -472,21 +472,40 @@ class FineTuneController:
             if owner:
                 self.job_of[owner] = job_snapshot(body)
 
+    # kopf calls the two ``*_seen`` methods in its event loop: they only remember what the event
+    # carried (a slim copy: kopf's body is dropped at once) and hand the work that calls the API to
+    # the scheduler's threads, keyed by object. Events of one object that arrive while its work
+    # waits are folded into that one run, which reads the newest copy.
+
     def finetune_seen(self, event_type: str, body: Any) -> None:
-        """A watch event of a FineTune: remember it, then handle it."""
+        """A watch event of a FineTune: remember it; reconcile it on a scheduler thread."""
         obj = snapshot(body)
-        uid = obj["metadata"]["uid"]
+        meta_ = obj["metadata"]
+        uid = meta_["uid"]
         if event_type == "DELETED":
             self.finetunes.pop(uid, None)
         else:
             self.finetunes[uid] = obj
-        job = self.job_of.get(uid)
+        if event_type == "DELETED" or meta_.get("deletionTimestamp"):
+            self.on_finetune_event(event_type, obj, None)  # no API call: it forgets, or schedules the finalizer
+            return
+        self.scheduler.call_later(("reconcile", uid), 0, partial(self.reconcile_seen, uid), keep_earlier=True)
+
+    def reconcile_seen(self, uid: str) -> None:
+        """Reconcile the newest copy of a FineTune with its Job as last seen."""
+        obj = self.finetunes.get(uid)
+        if obj is not None:
+            self.on_finetune_event("MODIFIED", obj, self.job_seen_for(obj))
+
+    def job_seen_for(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """The FineTune's Job as last seen (not one left by an earlier FineTune of another name)."""
+        job = self.job_of.get(obj["metadata"]["uid"])
         if job is not None and job["metadata"]["name"] != build.job_name(obj["metadata"]["name"]):
-            job = None
-        self.on_finetune_event(event_type, obj, job)
+            return None
+        return job
 
     def job_seen(self, event_type: str, body: Any) -> None:
-        """A watch event of a training Job: remember it, then follow it for its FineTune."""
+        """A watch event of a training Job: remember it; follow it for its FineTune on a scheduler thread."""
         job = job_snapshot(body)
         owner = meta.owner_uid(job, "FineTune")
         if owner is None:
@@ -497,8 +516,8 @@ class FineTuneController:
         else:
             self.job_of[owner] = job
         obj = self.finetunes.get(owner)
-        if obj is not None:
-            self.on_job_event(event_type, obj, job)
+        if obj is not None and self.note_job_event(event_type, obj, job):
+            self.scheduler.call_later(("job", owner), 0, partial(self.follow_safely, owner), keep_earlier=True)
 
     def on_finetune_event(self, event_type: str, obj: dict[str, Any], job: dict[str, Any] | None) -> None:
         meta_ = obj["metadata"]
@@ -519,20 +538,26 @@ class FineTuneController:
 
     def on_job_event(self, event_type: str, obj: dict[str, Any], job: dict[str, Any]) -> None:
         """An event of a FineTune's Job (``obj``: the owning FineTune as last seen)."""
+        if self.note_job_event(event_type, obj, job):
+            self.follow_safely(obj["metadata"]["uid"])
+
+    def note_job_event(self, event_type: str, obj: dict[str, Any], job: dict[str, Any]) -> bool:
+        """Remember a Job's event, with no API call; whether the Job is to be followed now."""
         uid = obj["metadata"]["uid"]
         if event_type == "DELETED":
             self.jobs.pop(uid, None)
             self.stop_polling(uid)
-            self.scheduler.cancel(("follow", uid))
+            for work in ("follow", "job"):
+                self.scheduler.cancel((work, uid))
             if self.launched.get(uid) == job["metadata"]["name"]:
                 self.launched.pop(uid, None)
             if not self.terminal(obj):
                 self.scheduler.call_later(("retry", uid), RELAUNCH_DELAY_S, partial(self.relaunch, obj))
-            return
+            return False
         if self.terminal(obj):
-            return
+            return False
         self.jobs[uid] = (obj, job)
-        self.follow_safely(uid)
+        return True
 
     def follow_safely(self, uid: str) -> None:
         """Follow the newest Job seen; on a failure (an API or storage error) try again with back-off.
@@ -842,10 +867,12 @@ def register(controller: FineTuneController, registry: kopf.OperatorRegistry) ->
     and index entries for every event, which was most of the operator's CPU per FineTune.
     """
 
+    # Coroutines, so that kopf runs them in its event loop rather than on its executor: they make no
+    # API call (the controller's scheduler threads do), and an event costs no thread hand-off.
     @kopf.on.event(*FT, id="reconcile", registry=registry)
-    def finetune_event(*, type: str, body: kopf.Body, **_: Any) -> None:
+    async def finetune_event(*, type: str, body: kopf.Body, **_: Any) -> None:
         controller.finetune_seen(type, body)
 
     @kopf.on.event("batch", "v1", "jobs", labels={meta.FINETUNE_LABEL: kopf.PRESENT}, id="job", registry=registry)
-    def job_event(*, type: str, body: kopf.Body, **_: Any) -> None:
+    async def job_event(*, type: str, body: kopf.Body, **_: Any) -> None:
         controller.job_seen(type, body)

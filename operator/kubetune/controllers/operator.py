@@ -152,7 +152,8 @@ def build_registry(
         scheduler.stop()
 
     kube = Kube(api=api_transport(workers))
-    scheduler = Scheduler()  # shared: retries, progress polls and rollout checks of both controllers
+    # Shared: FineTune reconciles and Job follows, retries, progress polls and rollout checks of both controllers.
+    scheduler = Scheduler(workers=workers)
     finetunes = FineTuneController(kube, operator_settings, scheduler)
     adapterdeployments = AdapterDeploymentController(kube, operator_settings, scheduler)
     finetune.register(finetunes, registry)
