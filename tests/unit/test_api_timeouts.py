@@ -260,3 +260,12 @@ def test_a_kept_connection_the_server_closed_is_replaced(
     assert api.request("GET", "/api") == {"kind": "List", "items": []}
     assert len(server.seen) == 2
     assert server.connections == 2
+
+
+def test_the_leader_elections_client_also_waits_out_a_refusal_that_says_when(
+    answering: Callable[[list[Answer]], AnsweringServer],
+) -> None:
+    server = answering([(429, {"Retry-After": "0"})] * 2)
+    api = client(f"http://127.0.0.1:{server.server_address[1]}", (2, 2))
+    k8s.CoreV1Api(api).list_namespace()
+    assert len(server.seen) == 3
