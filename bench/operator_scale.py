@@ -66,8 +66,13 @@ How to read the output (one JSON document on stdout; progress on stderr):
   writing progress.json every ``--progress-interval`` seconds; operator CPU,
   API requests and writes per second, storage GETs per second, per 100
   active FineTunes (goals: ≤ 0.2 API writes/s and ≤ 1% of a core).
+- ``runs[].operator.rss_mib_before_burst`` / ``rss_mib_after_settle``: the
+  operator idle, and once the burst is over (what stays is kept, not transient).
+- ``runs[].profile`` (with ``--profile``): where the operator's CPU went, by
+  function (``bench/scale/profile.py``).
 
-Usage: ``.venv/bin/python bench/operator_scale.py [--sizes 100,1000] [--steady 1000] [--settle 10] [--keep]``.
+Usage: ``.venv/bin/python bench/operator_scale.py [--sizes 100,1000] [--steady 1000] [--settle 10] [--keep]
+[--profile]``.
 """
 
 from __future__ import annotations
@@ -119,7 +124,7 @@ from bench.scale.processes import (  # noqa: E402
     process_cpu_s,
     tree_cpu_s,
 )
-from bench.scale.profile import Profiler  # noqa: E402
+from bench.scale.profile import summarize as summarize_profile  # noqa: E402
 from bench.scale.requests import operator_log_summary, per_finetune, scrape_metrics, summarize_requests  # noqa: E402
 from bench.scale.steady import run_steady  # noqa: E402
 from tests.cluster import Cluster  # noqa: E402
@@ -257,7 +262,8 @@ def run_size(
     watch = JobWatch(api, namespace)
     try:
         t_start = time.monotonic()
-        operator = OperatorProcess.start(cluster, workdir, kubeconfig, operator_args(args))
+        profile = workdir / "operator.pstat" if args.profile else None
+        operator = OperatorProcess.start(cluster, workdir, kubeconfig, operator_args(args), profile=profile)
         sampler = RssSampler(operator.popen.pid)
         sampler.start()
         result["operator_healthy_after_s"] = round(wait_for(operator.healthy, 60, "the operator's /healthz", 0.1), 2)
@@ -288,7 +294,6 @@ def run_size(
         machine_before = psutil.cpu_times()
 
         log(f"N={size}: creating {size} FineTunes in {namespace} ({args.create_concurrency} concurrent creates)")
-        profiler = Profiler.start(operator.popen.pid, workdir / "operator-profile.txt") if args.profile else None
         sampler.start_of_burst()
         t_apply = time.monotonic()
         created = create_all(api, namespace, template, size, args.create_concurrency)
@@ -296,8 +301,6 @@ def run_size(
         failed = [c for c in created if c.error]
         all_jobs = watch.wait_count(size - len(failed), args.timeout, lambda: operator.popen.poll() is None)
         t_jobs = time.monotonic()
-        if profiler is not None:
-            result["profile"] = profiler.stop()
         sampler.mark()
         cpu_after = {name: cpu_of[name](p) for name, p in procs.items()}
         machine_after = psutil.cpu_times()
@@ -326,6 +329,8 @@ def run_size(
     finally:
         watch.stop()
         exit_code = operator.stop() if operator is not None else None
+        if profile is not None and profile.exists():
+            result["profile"] = summarize_profile(profile)
         if sampler is not None:
             sampler.stop()
         proxy.stop()
@@ -500,8 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="record the operator with py-spy from the first create to the last Job (GIL-holding samples; "
-        "collapsed stacks in the working folder, a summary in the JSON; implies --keep)",
+        help="run the operator under yappi (CPU clock, every thread; see bench/scale/profile.py): its "
+        "pstats file in the working folder, the top functions in the JSON; latencies of such a run mean "
+        "nothing; implies --keep",
     )
     parser.add_argument("--workdir", help="where the cluster and logs go (default: a new temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the working folder (logs) afterwards")

@@ -149,8 +149,15 @@ class OperatorProcess:
 
     @classmethod
     def start(
-        cls, cluster: Cluster, workdir: Path, kubeconfig: Path, extra_args: list[str], store: str | None = None
+        cls,
+        cluster: Cluster,
+        workdir: Path,
+        kubeconfig: Path,
+        extra_args: list[str],
+        store: str | None = None,
+        profile: Path | None = None,
     ) -> OperatorProcess:
+        """Start it; with ``profile``, under yappi (``bench/scale/profile.py``), its pstats written there at exit."""
         health_port, metrics_port = free_port(), free_port()
         env = {
             "PATH": os.environ.get("PATH", ""),
@@ -167,9 +174,12 @@ class OperatorProcess:
         if os.environ.get("PYTHONPATH"):
             env["PYTHONPATH"] = os.environ["PYTHONPATH"]  # to measure another checkout's operator with this bench
         log_path = workdir / "operator.log"
+        runner = [sys.executable, "-m", "kubetune.cli"]
+        if profile is not None:
+            runner = [sys.executable, "-m", "bench.scale.profile", str(profile)]  # cwd: the checkout
         with log_path.open("ab") as out:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "kubetune.cli", "operator", *extra_args],
+                [*runner, "operator", *extra_args],
                 env=env,
                 cwd=ROOT,
                 stdout=out,
