@@ -83,17 +83,9 @@ class Kube:
     _secrets: dict[tuple[str, str], tuple[float, dict[str, str]]] = field(default_factory=dict)
     secret_ttl: float = 30.0
 
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        body: Any = None,
-        query: list[tuple[str, str]] | None = None,
-        content_type: str = "application/json",
-    ) -> Any:
-        """One API request; the decoded JSON answer. Raises ApiException for an error status."""
-        return self.api.request(method, path, body=body, query=query, content_type=content_type)
+    def request(self, method: str, path: str, **options: Any) -> Any:
+        """One API request (:meth:`ApiTransport.request`); the decoded JSON answer, ApiException on an error."""
+        return self.api.request(method, path, **options)
 
     def _get(self, path: str, **kwargs: Any) -> dict[str, Any] | None:
         """GET ``path``; None when it does not exist."""
