@@ -34,7 +34,7 @@ import torch
 from kubetune_trainer import outage, storage
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.data import IGNORE_INDEX, Encoded, Packed, collate, pack
-from kubetune_trainer.modeling import Runtime
+from kubetune_trainer.modeling import Runtime, attention_for_training, frozen_weights_in_compute_dtype
 from kubetune_trainer.progress import ProgressReporter
 
 log = logging.getLogger(__name__)
@@ -388,17 +388,22 @@ def train(
     )  # fmt: skip
     progress.update(total_steps=total_steps, step=state.step)
     net.train()
-    while state.step < total_steps:
-        order = _epoch_order(len(batches), tc.seed, state.epoch)
-        while state.batch_in_epoch < per_epoch and state.step < total_steps:
-            end = min(state.batch_in_epoch + tc.gradient_accumulation_steps, per_epoch)
-            shares = [_shard(batches[i], world) for i in order[state.batch_in_epoch : end]]
-            loop.step([collate(share, pad_id) for share in shares])
-            state.batch_in_epoch = end
-            loop.report()
-        if state.batch_in_epoch >= per_epoch:
-            state.epoch += 1
-            state.batch_in_epoch = 0
+    attention = attention_for_training(
+        model, runtime, tc.batch_size, tc.max_seq_length, checkpointing=tc.gradient_checkpointing
+    )
+    with frozen_weights_in_compute_dtype(model, runtime), attention as implementation:
+        log.info("training with %s attention", implementation)
+        while state.step < total_steps:
+            order = _epoch_order(len(batches), tc.seed, state.epoch)
+            while state.batch_in_epoch < per_epoch and state.step < total_steps:
+                end = min(state.batch_in_epoch + tc.gradient_accumulation_steps, per_epoch)
+                shares = [_shard(batches[i], world) for i in order[state.batch_in_epoch : end]]
+                loop.step([collate(share, pad_id) for share in shares])
+                state.batch_in_epoch = end
+                loop.report()
+            if state.batch_in_epoch >= per_epoch:
+                state.epoch += 1
+                state.batch_in_epoch = 0
     return loop.finish()
 
 
