@@ -1,7 +1,8 @@
 """The FineTune controller: level-triggered, around the pure builders.
 
-Every FineTune event (and every event of a FineTune's Job) reconciles the
-object to where its spec says it should be:
+Every FineTune event (and every event of a FineTune's Job), delivered by the
+informers of controllers/informer.py rather than by kopf's handlers, reconciles
+the object to where its spec says it should be:
 
 - no Job yet: validate against the template, check the credentials Secret,
   create (or adopt) the Job, which carries the trainer's config — never twice, so an operator
@@ -10,7 +11,7 @@ object to where its spec says it should be:
   status, and make its ``suspend`` follow ``spec.runPolicy.suspend``;
 - while the Job runs, a scheduled poll mirrors ``progress.json`` into status.
 
-The controller keeps no state in the objects it watches: no kopf annotations
+The controller keeps no state in the objects it watches: no annotations
 and, unless ``output.retention: Delete`` asks the operator to delete artifacts,
 no finalizer. Waits and retries (a missing template or Secret, an API error)
 go through :class:`~kubetune.controllers.scheduler.Scheduler`. Deleting a
@@ -30,13 +31,11 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-import kopf
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from kubetune.api.finetune import FineTune
 from kubetune.api.template import FineTuneTemplate
-from kubetune.api.types import API_GROUP, API_VERSION
 from kubetune.builders import finetune as build
 from kubetune.builders import meta
 from kubetune.builders import status as st
@@ -58,7 +57,6 @@ from kubetune_trainer import storage
 from kubetune_trainer.contract import Progress, Summary, now_iso, seconds_since, summary_from_manifest
 
 log = logging.getLogger("kubetune.finetune")
-FT = (API_GROUP, API_VERSION, "finetunes")
 PLURAL = "finetunes"
 # After a Job disappears under a running FineTune, wait this long before creating it again
 # (a FineTune being deleted loses its Job first; its own DELETED event cancels the relaunch).
@@ -127,7 +125,7 @@ DELETE_RETRY_S = 15.0
 
 
 def snapshot(body: Any) -> dict[str, Any]:
-    """A plain copy of a kubetune object as kopf handed it (kopf's bodies are live views of the latest event)."""
+    """A plain copy of a kubetune object as a watch delivered it: what the controller reads of it, nothing more."""
     metadata = body["metadata"]
     return {
         "apiVersion": body.get("apiVersion"),
@@ -220,6 +218,7 @@ class FineTuneController:
         self.failed_seen: dict[str, int] = {}  # uid -> the Job's failed pods when last checked for OOMKilled
         self.store_down: dict[str, tuple[float, str]] = {}  # uid -> (since, error) while its store does not answer
         self.breaker = EndpointBreaker()
+        self.seen_lock = threading.Lock()  # the FineTune and Job informers' threads, one event at a time
         self.s3 = S3Reader(connect_timeout=OPERATOR_S3_CONNECT_TIMEOUT_S, read_timeout=OPERATOR_S3_READ_TIMEOUT_S)
 
     # ------------------------------------------------------------------ status
@@ -292,7 +291,7 @@ class FineTuneController:
         """Bring one FineTune to its spec. ``job``: its Job as last seen by the watch (None: none seen)."""
         uid = obj["metadata"]["uid"]
         name = build.job_name(obj["metadata"]["name"])
-        with self.book.lock(uid):  # one reconcile of an object at a time: kopf's events and the retries
+        with self.book.lock(uid):  # one reconcile of an object at a time: its events and the retries
             current = self.book.latest(uid, obj.get("status") or {})
             if current.get("phase") in st.TERMINAL_PHASES:
                 return
@@ -307,7 +306,7 @@ class FineTuneController:
             self.sync_suspend(obj, job)
 
     def reconcile_safely(self, obj: dict[str, Any], job: dict[str, Any] | None) -> None:
-        """Reconcile; on a failure, schedule another try (kopf does not retry event handlers)."""
+        """Reconcile; on a failure, schedule another try (an event is delivered once)."""
         meta_ = obj["metadata"]
         uid = meta_["uid"]
         try:
@@ -472,14 +471,18 @@ class FineTuneController:
             if owner:
                 self.job_of[owner] = job_snapshot(body)
 
-    # kopf calls the two ``*_seen`` methods in its event loop: they only remember what the event
-    # carried (a slim copy: kopf's body is dropped at once) and hand the work that calls the API to
-    # the scheduler's threads, keyed by object. Events of one object that arrive while its work
-    # waits are folded into that one run, which reads the newest copy.
+    # The informers call the two ``*_seen`` methods on their threads, one event at a time (``seen_lock``):
+    # they only remember what the event carried (a slim copy: the decoded event is dropped at once) and
+    # hand the work that calls the API to the scheduler's threads, keyed by object. Events of one object
+    # that arrive while its work waits are folded into that one run, which reads the newest copy.
 
     def finetune_seen(self, event_type: str, body: Any) -> None:
         """A watch event of a FineTune: remember it; reconcile it on a scheduler thread."""
         obj = snapshot(body)
+        with self.seen_lock:
+            self._finetune_seen(event_type, obj)
+
+    def _finetune_seen(self, event_type: str, obj: dict[str, Any]) -> None:
         meta_ = obj["metadata"]
         uid = meta_["uid"]
         if event_type == "DELETED":
@@ -507,6 +510,10 @@ class FineTuneController:
     def job_seen(self, event_type: str, body: Any) -> None:
         """A watch event of a training Job: remember it; follow it for its FineTune on a scheduler thread."""
         job = job_snapshot(body)
+        with self.seen_lock:
+            self._job_seen(event_type, job)
+
+    def _job_seen(self, event_type: str, job: dict[str, Any]) -> None:
         owner = meta.owner_uid(job, "FineTune")
         if owner is None:
             return
@@ -562,7 +569,7 @@ class FineTuneController:
     def follow_safely(self, uid: str) -> None:
         """Follow the newest Job seen; on a failure (an API or storage error) try again with back-off.
 
-        kopf does not retry event handlers, and a Job's last event may be the only one: a status
+        An event is delivered once, and a Job's last event may be the only one: a status
         write that fails when the Job completes must not leave the FineTune unfinished.
         """
         seen = self.jobs.get(uid)
@@ -771,7 +778,7 @@ class FineTuneController:
     # The Job and Service carry ownerReferences: the garbage collector removes
     # them with the FineTune. A finalizer (one more write per FineTune, and a FineTune that
     # cannot be deleted while the operator is down) is only worth it to delete artifacts,
-    # so kopf adds one only to FineTunes that ask for that.
+    # so the controller adds one only to FineTunes that ask for that.
 
     def ensure_finalizer(self, obj: dict[str, Any], plan: build.Plan) -> None:
         """A FineTune whose artifacts go with it carries the finalizer before its Job exists (one write; no
@@ -857,22 +864,3 @@ class FineTuneController:
             if any((status.get(role) or {}).get("fineTuneUid") == uid for role in ("stable", "canary")):
                 serving.append(str(adep["metadata"]["name"]))
         return serving
-
-
-def register(controller: FineTuneController, registry: kopf.OperatorRegistry) -> None:
-    """Bind the controller to kopf: one event handler for FineTunes, one for their Jobs.
-
-    No kopf indexes (the controller keeps its own lookups, seeded at start-up) and no change-detecting
-    handlers (the controller manages its one finalizer itself): kopf would otherwise build a diff base
-    and index entries for every event, which was most of the operator's CPU per FineTune.
-    """
-
-    # Coroutines, so that kopf runs them in its event loop rather than on its executor: they make no
-    # API call (the controller's scheduler threads do), and an event costs no thread hand-off.
-    @kopf.on.event(*FT, id="reconcile", registry=registry)
-    async def finetune_event(*, type: str, body: kopf.Body, **_: Any) -> None:
-        controller.finetune_seen(type, body)
-
-    @kopf.on.event("batch", "v1", "jobs", labels={meta.FINETUNE_LABEL: kopf.PRESENT}, id="job", registry=registry)
-    async def job_event(*, type: str, body: kopf.Body, **_: Any) -> None:
-        controller.job_seen(type, body)

@@ -24,9 +24,10 @@ from urllib3.util.retry import Retry
 from kubetune.api.types import API_GROUP, API_VERSION
 from kubetune.builders.meta import FINETUNE_LABEL
 from kubetune.builders.settings import OperatorSettings
-from kubetune.controllers import adapterdeployment, finetune
+from kubetune.controllers import adapterdeployment
 from kubetune.controllers.adapterdeployment import AdapterDeploymentController
 from kubetune.controllers.finetune import FineTuneController
+from kubetune.controllers.informer import Informer
 from kubetune.controllers.kube import Kube
 from kubetune.controllers.leader import LeaderElection
 from kubetune.controllers.scheduler import Scheduler
@@ -138,27 +139,57 @@ def build_registry(
         settings.networking.connect_timeout = API_TIMEOUT[0]
         settings.networking.request_timeout = API_TIMEOUT[1]
         kube.warm_up()
-        # Before the first event: what exists now, so every lookup in a handler finds what it needs.
         watched = list(namespaces or [])
-        finetunes.seed(
-            kube.list_all(f"/apis/{API_GROUP}/{API_VERSION}/finetunes", watched),
-            kube.list_all("/apis/batch/v1/jobs", watched, label_selector=FINETUNE_LABEL),
-        )
         adapterdeployments.seed(kube.list_all(f"/apis/{API_GROUP}/{API_VERSION}/adapterdeployments", watched))
+        informers.extend(start_finetune_informers(finetunes, api, watched))
         scheduler.start()
 
     @kopf.on.cleanup(registry=registry)
     def stop(**_: Any) -> None:
+        for informer in informers:
+            informer.stop()
         scheduler.stop()
 
-    kube = Kube(api=api_transport(workers))
+    api = api_transport(workers)
+    kube = Kube(api=api)
+    informers: list[Informer] = []
     # Shared: FineTune reconciles and Job follows, retries, progress polls and rollout checks of both controllers.
     scheduler = Scheduler(workers=workers)
     finetunes = FineTuneController(kube, operator_settings, scheduler)
     adapterdeployments = AdapterDeploymentController(kube, operator_settings, scheduler)
-    finetune.register(finetunes, registry)
     adapterdeployment.register(adapterdeployments, registry)
     return registry
+
+
+def start_finetune_informers(
+    controller: FineTuneController, api: ApiTransport, namespaces: list[str]
+) -> list[Informer]:
+    """Watch FineTunes and their Jobs for the controller (see controllers/informer.py); the informers, started.
+
+    Both are listed first and the lookups seeded from both lists, so a Job's event always finds its
+    FineTune whichever comes first; then every listed object is handed on (what exists is reconciled
+    at start-up), and only then do the watches start, from their lists' resourceVersions.
+    """
+    scopes: list[str | None] = [*namespaces] if namespaces else [None]  # None: the whole cluster
+    finetune_informers = [
+        Informer(api, f"/apis/{API_GROUP}/{API_VERSION}/finetunes", controller.finetune_seen, namespace=ns)
+        for ns in scopes
+    ]
+    job_informers = [
+        Informer(api, "/apis/batch/v1/jobs", controller.job_seen, namespace=ns, label_selector=FINETUNE_LABEL)
+        for ns in scopes
+    ]
+    listed_finetunes = [obj for informer in finetune_informers for obj in informer.list()]
+    listed_jobs = [obj for informer in job_informers for obj in informer.list()]
+    controller.seed(listed_finetunes, listed_jobs)
+    for obj in listed_finetunes:
+        controller.finetune_seen("ADDED", obj)
+    for obj in listed_jobs:
+        controller.job_seen("ADDED", obj)
+    informers = [*finetune_informers, *job_informers]
+    for informer in informers:
+        informer.start()
+    return informers
 
 
 @dataclass(frozen=True)

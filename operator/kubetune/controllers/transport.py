@@ -32,6 +32,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -227,3 +228,38 @@ class ApiTransport:
             error.headers = headers
             raise error
         return json.loads(data) if data else None
+
+    def stream(
+        self,
+        path: str,
+        query: list[tuple[str, str]],
+        read_timeout: float,
+        opened: Callable[[socket.socket], None] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """GET ``path`` as a watch: each line of the answer decoded, as it comes, on a connection of its own.
+
+        The connection is closed when the answer ends or the caller stops reading; a line not read
+        within ``read_timeout`` raises TimeoutError. An error status raises ApiException. ``opened``
+        is given the socket before the request goes (another thread may shut it down to end the watch).
+        """
+        target = self.base_path + path + f"?{urlencode(query)}"
+        conn = self._connect()
+        try:
+            assert conn.sock is not None
+            if opened is not None:
+                opened(conn.sock)
+            conn.sock.settimeout(read_timeout)
+            sent = self.headers("application/json")
+            conn.request("GET", target, headers=sent)
+            response = conn.getresponse()
+            if response.status == 401:
+                self.authorization(fresh=True)  # the next watch goes with a token read again
+            if response.status != 200:
+                error = ApiException(status=response.status, reason=response.reason, body=response.read().decode())
+                error.headers = response.headers
+                raise error
+            while line := response.readline():
+                if line.strip():
+                    yield json.loads(line)
+        finally:
+            conn.close()
