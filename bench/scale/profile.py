@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import pstats
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,8 @@ def main() -> int:
         yappi.get_func_stats().save(str(out), type="pstat")
 
     atexit.register(save)
+    # SIGUSR1 starts the count again: the steady-state measurement profiles its window only.
+    signal.signal(signal.SIGUSR1, lambda *_: yappi.clear_stats())
     sys.argv = ["kubetune", *sys.argv[2:]]
     from kubetune.cli import main as kubetune
 

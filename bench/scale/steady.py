@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +36,7 @@ from kubernetes import client as k8s
 from bench.scale.common import GROUP, PLURAL, VERSION, WRITE_METHODS, log, wait_for
 from bench.scale.jobs import JobWatch
 from bench.scale.processes import OperatorProcess, ProxyProcess, RssSampler, tree_cpu_s
+from bench.scale.profile import summarize as summarize_profile
 from tests.cluster import Cluster
 from tests.cluster.faults import FaultProxy, cluster_kubeconfig
 
@@ -93,7 +96,10 @@ def run_steady(cluster: Cluster, api: k8s.ApiClient, args: argparse.Namespace, w
     proxy = ProxyProcess.start(cluster, workdir)
     kubeconfig = cluster_kubeconfig(workdir / "operator.kubeconfig", f"http://127.0.0.1:{proxy.port}", cluster.token)
     store = FaultProxy(cluster.s3.endpoint_url, host=cluster.s3.host).start()  # counts the operator's GETs
-    operator = OperatorProcess.start(cluster, workdir, kubeconfig, operator_args(args), store=store.url)
+    profile = workdir / "operator.pstat" if args.profile else None
+    operator = OperatorProcess.start(
+        cluster, workdir, kubeconfig, operator_args(args), store=store.url, profile=profile
+    )
     sampler = RssSampler(operator.popen.pid)
     sampler.start()
     watch = JobWatch(api, namespace)
@@ -115,13 +121,15 @@ def run_steady(cluster: Cluster, api: k8s.ApiClient, args: argparse.Namespace, w
         warm = args.progress_interval * 4
         log(f"steady: {len(runs)} running; warming up {warm:.0f}s, then measuring {args.steady_seconds:.0f}s")
         time.sleep(warm)
+        if profile is not None:
+            os.kill(operator.popen.pid, signal.SIGUSR1)  # the profile covers the measured window only
         window = measure(operator, proxy, store, sampler, args.steady_seconds)
         phases = [((i.get("status") or {}).get("phase")) for i in
                   custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]]  # fmt: skip
         window["phases"] = {p: phases.count(p) for p in set(phases)}
         window["trainer_progress_writes"] = trainers.writes
         window["created"] = len([c for c in created if not c.error])
-        return {
+        result = {
             "size": size,
             "namespace": namespace,
             "clean_start": clean_start,
@@ -136,6 +144,9 @@ def run_steady(cluster: Cluster, api: k8s.ApiClient, args: argparse.Namespace, w
         sampler.stop()
         proxy.stop()
         store.stop()
+    if profile is not None and profile.exists():
+        result["profile"] = summarize_profile(profile)
+    return result
 
 
 def all_training(custom: k8s.CustomObjectsApi, namespace: str, size: int, timeout: float) -> None:

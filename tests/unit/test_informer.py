@@ -15,10 +15,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import kopf
 import pytest
 from kubernetes import client as k8s
 
+from kubetune.builders.meta import ADEP_LABEL
 from kubetune.controllers.informer import Informer
+from kubetune.controllers.operator import apply_kopf_settings
 from kubetune.controllers.transport import ApiTransport
 
 Script = list[tuple[str, Any]]  # ("list", items, rv) | ("watch", [events]) | ("status", code) | ("hang", seconds)
@@ -185,3 +188,16 @@ def test_stop_ends_a_watch_that_is_waiting_for_events(scripted: Any) -> None:
     informer._thread.join(5)
     assert not informer._thread.is_alive()
     assert time.monotonic() - started < 2
+
+
+def test_kopf_watches_only_the_adapterdeployment_controllers_jobs_and_deployments() -> None:
+    """Training Jobs go to the FineTune controller's informer only; kopf asks the API server for the rest."""
+    settings = kopf.OperatorSettings()
+    apply_kopf_settings(settings, workers=4)
+    selectors = settings.watching.label_selectors
+    jobs = kopf.Resource("batch", "v1", "jobs", kind="Job", namespaced=True)
+    deployments = kopf.Resource("apps", "v1", "deployments", kind="Deployment", namespaced=True)
+    adeps = kopf.Resource("kubetune.io", "v1alpha1", "adapterdeployments", kind="AdapterDeployment", namespaced=True)
+    assert list(selectors.collect(jobs)) == [ADEP_LABEL]
+    assert list(selectors.collect(deployments)) == [ADEP_LABEL]
+    assert list(selectors.collect(adeps)) == []

@@ -22,7 +22,7 @@ from prometheus_client import start_http_server
 from urllib3.util.retry import Retry
 
 from kubetune.api.types import API_GROUP, API_VERSION
-from kubetune.builders.meta import FINETUNE_LABEL
+from kubetune.builders.meta import ADEP_LABEL, FINETUNE_LABEL
 from kubetune.builders.settings import OperatorSettings
 from kubetune.controllers import adapterdeployment
 from kubetune.controllers.adapterdeployment import AdapterDeploymentController
@@ -99,6 +99,44 @@ class NoDiffBase(kopf.DiffBaseStorage):
         return None
 
 
+def apply_kopf_settings(settings: kopf.OperatorSettings, workers: int) -> None:
+    """kopf's settings for this operator: no state in objects, no Events per handler, short batching,
+    bounded watches, and kopf's watches of Jobs and Deployments narrowed to the AdapterDeployment
+    controller's children."""
+    # The controllers keep no kopf state in objects (no change-detecting handlers); were kopf ever to
+    # write some, it would be under kubetune.io names. kopf removes its own finalizer from objects
+    # that no handler needs it on, so it must not be the one the FineTune controller manages
+    # (kubetune.io/delete-artifacts): with the same name, kopf took that off within a second.
+    settings.persistence.finalizer = "kubetune.io/kopf"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
+    settings.persistence.diffbase_storage = NoDiffBase()
+    # kopf would post an Event for every handler run; the controllers post one per transition instead.
+    settings.posting.enabled = False
+    # No CRD or namespace discovery: the resources are known, and least-privilege RBAC
+    # (see the chart) forbids listing CRDs and namespaces, which kopf would retry for a minute.
+    settings.scanning.disabled = True
+    settings.execution.max_workers = workers
+    # kopf waits this long after an object's event for more of its events before handling it;
+    # its 0.1 s default is added to every FineTune's time to a Job. The handlers are idempotent
+    # and cheap when nothing changed, so a short window costs little.
+    settings.batching.batch_window = 0.01
+    # kopf keeps a worker (a task and a queue) per object for idle_timeout after its last event; in a
+    # burst of a thousand FineTunes that is a thousand of them. The controllers' state is their own,
+    # so a worker may go as soon as its object is quiet.
+    settings.batching.idle_timeout = 0.5
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = API_TIMEOUT[0]
+    settings.networking.connect_timeout = API_TIMEOUT[0]
+    settings.networking.request_timeout = API_TIMEOUT[1]
+    # kopf filters handlers' labels on its side: its watch of Jobs delivered every training Job (the
+    # FineTune controller's informer watches those) and ran each event through its pipeline only to drop
+    # it (kopf's event loop was still a quarter of the operator's CPU in a burst of a thousand FineTunes
+    # once the FineTune controller had left kopf). The API server filters now.
+    settings.watching.label_selectors["batch", "v1", "jobs"] = ADEP_LABEL
+    settings.watching.label_selectors["apps", "v1", "deployments"] = ADEP_LABEL
+
+
 def build_registry(
     operator_settings: OperatorSettings, *, workers: int, namespaces: list[str] | None = None
 ) -> kopf.OperatorRegistry:
@@ -112,32 +150,7 @@ def build_registry(
 
     @kopf.on.startup(registry=registry, backoff=5)  # kopf's default: try again in 60 s
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-        # The controllers keep no kopf state in objects (no change-detecting handlers); were kopf ever to
-        # write some, it would be under kubetune.io names. kopf removes its own finalizer from objects
-        # that no handler needs it on, so it must not be the one the FineTune controller manages
-        # (kubetune.io/delete-artifacts): with the same name, kopf took that off within a second.
-        settings.persistence.finalizer = "kubetune.io/kopf"
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
-        settings.persistence.diffbase_storage = NoDiffBase()
-        # kopf would post an Event for every handler run; the controllers post one per transition instead.
-        settings.posting.enabled = False
-        # No CRD or namespace discovery: the resources are known, and least-privilege RBAC
-        # (see the chart) forbids listing CRDs and namespaces, which kopf would retry for a minute.
-        settings.scanning.disabled = True
-        settings.execution.max_workers = workers
-        # kopf waits this long after an object's event for more of its events before handling it;
-        # its 0.1 s default is added to every FineTune's time to a Job. The handlers are idempotent
-        # and cheap when nothing changed, so a short window costs little.
-        settings.batching.batch_window = 0.01
-        # kopf keeps a worker (a task and a queue) per object for idle_timeout after its last event; in a
-        # burst of a thousand FineTunes that is a thousand of them. The controllers' state is their own,
-        # so a worker may go as soon as its object is quiet.
-        settings.batching.idle_timeout = 0.5
-        settings.watching.server_timeout = 300
-        settings.watching.client_timeout = 330
-        settings.watching.connect_timeout = API_TIMEOUT[0]
-        settings.networking.connect_timeout = API_TIMEOUT[0]
-        settings.networking.request_timeout = API_TIMEOUT[1]
+        apply_kopf_settings(settings, workers)
         kube.warm_up()
         watched = list(namespaces or [])
         adapterdeployments.seed(kube.list_all(f"/apis/{API_GROUP}/{API_VERSION}/adapterdeployments", watched))
