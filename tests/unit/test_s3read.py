@@ -67,6 +67,7 @@ class Store:
     body: bytes
     close_after: int = 0  # close each connection after this many answers (0: keep it)
     delay: float = 0.0  # seconds before answering
+    framing: str = "length"  # the body's framing: "length" (Content-Length), "chunked", "close" (HTTP/1.0)
     connections: int = 0
     requests: int = 0
     sock: socket.socket = field(default_factory=socket.socket)
@@ -93,11 +94,23 @@ class Store:
                     pass
                 self.requests += 1
                 time.sleep(self.delay)
-                head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(self.body)}\r\n\r\n".encode()
-                conn.sendall(head + self.body)
+                conn.sendall(self.answer_bytes())
+                if self.framing == "close":
+                    return
                 answered += 1
                 if self.close_after and answered >= self.close_after:
                     return
+
+    def answer_bytes(self) -> bytes:
+        # A dozen headers, as S3 servers send, in the cases they come in.
+        extra = "".join(f"x-amz-meta-{i}: {i}\r\n" for i in range(8)) + 'ETag: "abc"\r\nServer: scripted\r\n'
+        if self.framing == "chunked":
+            halves = (self.body[: len(self.body) // 2], self.body[len(self.body) // 2 :])
+            chunks = b"".join(f"{len(c):x};ext=1\r\n".encode() + c + b"\r\n" for c in halves if c)
+            return f"HTTP/1.1 200 OK\r\n{extra}Transfer-Encoding: Chunked\r\n\r\n".encode() + chunks + b"0\r\n\r\n"
+        if self.framing == "close":
+            return f"HTTP/1.0 200 OK\r\n{extra}\r\n".encode() + self.body
+        return f"HTTP/1.1 200 OK\r\n{extra}content-length: {len(self.body)}\r\n\r\n".encode() + self.body
 
 
 @pytest.fixture
@@ -146,3 +159,27 @@ def test_a_store_that_answers_too_slowly_is_not_asked_twice(store: Store) -> Non
         reader.get("s3://b/progress.json", store.settings)
     assert time.monotonic() - started < 0.9
     assert store.requests == 2
+
+
+@pytest.mark.parametrize(("framing", "connections"), [("length", 1), ("chunked", 1), ("close", 3)])
+def test_every_framing_of_a_body_is_read_whole(store: Store, framing: str, connections: int) -> None:
+    """A body of Content-Length bytes or of chunks keeps the connection; one ended by closing it does not."""
+    store.framing = framing
+    store.body = json.dumps({"step": 7, "pad": "x" * 3000}).encode()
+    reader = S3Reader()
+    for _ in range(3):
+        assert json.loads(reader.get("s3://b/progress.json", store.settings))["step"] == 7
+        time.sleep(0.02)
+    assert store.requests == 3
+    assert store.connections == connections
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked", "close"])
+def test_a_body_over_the_limit_fails_in_every_framing(store: Store, framing: str) -> None:
+    store.framing = framing
+    store.body = b"y" * 100
+    reader = S3Reader(max_bytes=20)
+    with pytest.raises(storage.StorageError, match="larger than 20 bytes"):
+        reader.get("s3://b/big.json", store.settings)
+    store.body = b'{"step": 5}'
+    assert json.loads(reader.get("s3://b/progress.json", store.settings)) == {"step": 5}

@@ -47,8 +47,12 @@ class Scheduler:
             if keep_earlier and current is not None and current[0] <= due:
                 due = current[0]
             self._due[key] = (due, fn)
+            # The timer thread wakes by the heap's earliest time at the latest; only an earlier one needs
+            # it woken (a poll that schedules its next run would otherwise wake it for nothing each time).
+            earliest = self._heap[0][0] if self._heap else None
             heapq.heappush(self._heap, (due, next(self._seq), key))
-            self._cond.notify()
+            if earliest is None or due < earliest:
+                self._cond.notify()
 
     def cancel(self, key: Hashable) -> None:
         with self._cond:
