@@ -118,9 +118,17 @@ class Answering(http.server.BaseHTTPRequestHandler):
         # "close": answer as if keeping the connection, then close it (an API server restarting, an idle timeout)
         self.close_connection = headers.pop("close", None) is not None
         body = json.dumps({"kind": "List", "items": []} if code == 200 else {"message": f"no ({code})"}).encode()
+        chunked = headers.pop("chunked", None) is not None  # as the API server sends a large list
         self.send_response(code)
         for key, value in {"Content-Type": "application/json", **headers}.items():
             self.send_header(key, value)
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for piece in (body[:7], body[7:]):
+                self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+            return
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -269,3 +277,14 @@ def test_the_leader_elections_client_also_waits_out_a_refusal_that_says_when(
     api = client(f"http://127.0.0.1:{server.server_address[1]}", (2, 2))
     k8s.CoreV1Api(api).list_namespace()
     assert len(server.seen) == 3
+
+
+def test_a_chunked_answer_is_read_whole_and_its_connection_kept(
+    answering: Callable[[list[Answer]], AnsweringServer],
+) -> None:
+    server = answering([(200, {"chunked": "1"}), (429, {"Retry-After": "0", "chunked": "1"})])
+    api = transport(f"http://127.0.0.1:{server.server_address[1]}", (2, 2))
+    for _ in range(2):
+        assert api.request("GET", "/api/v1/namespaces") == {"kind": "List", "items": []}
+    assert len(server.seen) == 3  # the 429 was waited out, its chunked body read to the end first
+    assert server.connections == 1

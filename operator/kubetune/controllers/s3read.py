@@ -8,24 +8,23 @@ need is done here: GET of one object, path-style addressing, credentials from
 the FineTune's Secret. Without explicit credentials (an instance role, IRSA)
 the caller uses boto3, which knows those.
 
-The GETs go over connections kept per endpoint, written and read by
-:class:`StoreConnection` (``http.client`` before it: 0.29 ms of CPU per GET
-against 0.52 ms through urllib3's pool and its layers, on one core against a
-loopback server; then its header parsing turned out to be the largest part of
-what was left). A kept connection the store has closed meanwhile is replaced
-once, at once.
+The GETs go over connections kept per endpoint (:class:`~kubetune.controllers.http1.Http1Connection`;
+``http.client`` before it: 0.29 ms of CPU per GET against 0.52 ms through
+urllib3's pool and its layers, on one core against a loopback server; then its
+header parsing turned out to be the largest part of what was left). A kept
+connection the store has closed meanwhile is replaced once, at once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import socket
 import ssl
 import threading
 from datetime import UTC, datetime
 from urllib.parse import quote, urlsplit
 
+from kubetune.controllers.http1 import Http1Connection
 from kubetune_trainer import storage
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -63,72 +62,6 @@ def sign_get(
     return headers
 
 
-MAX_LINE = 65536
-
-
-class StoreConnection:
-    """One HTTP/1.1 connection to a store, kept between GETs, with a reader of just what a GET's answer holds.
-
-    ``http.client`` parses an answer's headers with the ``email`` package: against an S3 server that
-    sends a dozen headers that was 28% of the operator's CPU in the steady state of a thousand running
-    FineTunes (a profile of ``bench/operator_scale.py --steady 1000 --profile``), more than signing,
-    sending and reading together. A GET's answer needs a status line, headers split at the first
-    colon, and a body of ``Content-Length`` bytes, chunks, or everything until the store closes.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.reader = sock.makefile("rb")
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
-
-    def get(self, host: str, path: str, headers: dict[str, str], max_bytes: int) -> tuple[int, bytes, bool]:
-        """(status, body up to ``max_bytes`` + 1, whether the connection may be kept) of ``GET path``."""
-        head = [f"GET {path} HTTP/1.1", f"Host: {host}"]
-        head += [f"{name}: {value}" for name, value in headers.items() if name.lower() != "host"]
-        self.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
-        line = self.reader.readline(MAX_LINE)
-        if not line:
-            raise ConnectionResetError("the store closed the connection before answering")
-        parts = line.split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
-            raise ConnectionError(f"not an HTTP answer: {line[:80]!r}")
-        answer: dict[str, str] = {}
-        while (line := self.reader.readline(MAX_LINE)) not in (b"\r\n", b"\n", b""):
-            name, _, value = line.partition(b":")
-            answer[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
-        keep = parts[0] == b"HTTP/1.1" and answer.get("connection", "").lower() != "close"
-        body, whole = self._body(answer, max_bytes)
-        return int(parts[1]), body, keep and whole
-
-    def _body(self, answer: dict[str, str], max_bytes: int) -> tuple[bytes, bool]:
-        """(the body up to ``max_bytes`` + 1, whether all of it was read)."""
-        if "chunked" in answer.get("transfer-encoding", "").lower():
-            chunks, size = [], 0
-            while (length := int(self.reader.readline(MAX_LINE).split(b";")[0].strip() or b"0", 16)) > 0:
-                if size + length > max_bytes:
-                    chunks.append(self.reader.read(max_bytes + 1 - size))
-                    return b"".join(chunks), False
-                chunk = self.reader.read(length)
-                if len(chunk) < length:
-                    raise ConnectionResetError("the store closed the connection in the middle of the body")
-                chunks.append(chunk)
-                self.reader.readline(MAX_LINE)  # the chunk's CRLF
-                size += length
-            while self.reader.readline(MAX_LINE) not in (b"\r\n", b"\n", b""):
-                pass  # trailers
-            return b"".join(chunks), True
-        if "content-length" in answer:
-            length = int(answer["content-length"])
-            body = self.reader.read(min(length, max_bytes + 1))
-            if len(body) < min(length, max_bytes + 1):
-                raise ConnectionResetError("the store closed the connection in the middle of the body")
-            return body, length <= max_bytes
-        return self.reader.read(max_bytes + 1), False  # until the store closes the connection
-
-
 class S3Reader:
     """Signed GETs of small objects on connections kept per endpoint (up to ``keep`` idle each), short timeouts."""
 
@@ -137,35 +70,30 @@ class S3Reader:
     ) -> None:
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.max_bytes, self.keep = max_bytes, keep
-        self._idle: dict[tuple[str, str], list[StoreConnection]] = {}
+        self._idle: dict[tuple[str, str], list[Http1Connection]] = {}
         self._lock = threading.Lock()
         self._tls: ssl.SSLContext | None = None
 
-    def _take(self, scheme: str, netloc: str) -> StoreConnection | None:
+    def _take(self, scheme: str, netloc: str) -> Http1Connection | None:
         """A kept connection to the endpoint, or None."""
         with self._lock:
             idle = self._idle.get((scheme, netloc))
             return idle.pop() if idle else None
 
-    def _connect(self, scheme: str, netloc: str) -> StoreConnection:
+    def _connect(self, scheme: str, netloc: str) -> Http1Connection:
         url = urlsplit(f"{scheme}://{netloc}")
         host, port = url.hostname or netloc, url.port or (443 if scheme == "https" else 80)
-        sock = socket.create_connection((host, port), timeout=self.connect_timeout)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if scheme == "https":
-                with self._lock:
-                    if self._tls is None:
-                        self._tls = ssl.create_default_context()
-                    tls = self._tls
-                sock = tls.wrap_socket(sock, server_hostname=host)
-            sock.settimeout(self.read_timeout)
-        except BaseException:
-            sock.close()
-            raise
-        return StoreConnection(sock)
+        tls = None
+        if scheme == "https":
+            with self._lock:
+                if self._tls is None:
+                    self._tls = ssl.create_default_context()
+                tls = self._tls
+        return Http1Connection.open(
+            host, port, connect_timeout=self.connect_timeout, read_timeout=self.read_timeout, tls=tls
+        )
 
-    def _give_back(self, scheme: str, netloc: str, conn: StoreConnection) -> None:
+    def _give_back(self, scheme: str, netloc: str, conn: Http1Connection) -> None:
         with self._lock:
             idle = self._idle.setdefault((scheme, netloc), [])
             if len(idle) < self.keep:
@@ -181,7 +109,7 @@ class S3Reader:
             try:
                 if conn is None:
                     conn = self._connect(scheme, netloc)
-                status, body, keep = conn.get(netloc, path, headers, self.max_bytes)
+                answer = conn.request("GET", path, netloc, headers, max_bytes=self.max_bytes)
             except TimeoutError:
                 if conn is not None:
                     conn.close()
@@ -192,11 +120,11 @@ class S3Reader:
                 if kept and attempt == 0:
                     continue  # the store closed the idle connection (or it broke): once more on a new one
                 raise
-            if keep:
+            if answer.keep:
                 self._give_back(scheme, netloc, conn)
             else:
                 conn.close()  # the store ends the connection, or a body over the limit is still unread
-            return status, body
+            return answer.status, answer.body
         raise AssertionError("unreachable")  # pragma: no cover
 
     def get(self, uri: str, settings: storage.S3Settings) -> bytes:

@@ -6,8 +6,9 @@ it, urllib3's pool manager and retry objects, a scan of the environment for
 proxies on every call. A CPU profile of the operator during a burst of a
 thousand FineTunes (yappi, CPU clock) put 39% of the operator's time under
 ``Kube.request``, most of it in those layers rather than on the socket or in
-JSON. The bodies are plain JSON already, so this module sends them with the
-standard library's ``http.client`` on connections kept for the next request.
+JSON. The bodies are plain JSON already, so this module sends them on HTTP/1.1
+connections kept for the next request (:mod:`kubetune.controllers.http1`, which
+also spares the standard library's ``email``-based header parsing).
 
 What it keeps of the client: the configuration it loads (in-cluster service
 account or kubeconfig: host, CA, client certificate, token), the token's
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import select
 import socket
 import ssl
 import threading
@@ -39,6 +39,8 @@ from urllib.parse import urlencode, urlsplit
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
+from kubetune.controllers.http1 import Answer, Http1Connection
+
 CONNECT_ATTEMPTS = 3
 REFUSED_ATTEMPTS = 5  # one request and up to four more after a Retry-After
 MAX_RETRY_AFTER_S = 10.0
@@ -46,26 +48,15 @@ AUTH_REFRESH_S = 10.0
 READS = frozenset({"GET", "HEAD"})
 
 
-def _retry_after(method: str, status: int, headers: http.client.HTTPMessage) -> float | None:
+def _retry_after(method: str, status: int, headers: dict[str, str]) -> float | None:
     """Seconds to wait before sending the request again, or None when it must not be sent again."""
-    value = headers.get("Retry-After")
+    value = headers.get("retry-after")
     if value is None or not (status == 429 or (status == 503 and method in READS)):
         return None
     try:
         return min(max(float(value), 0.0), MAX_RETRY_AFTER_S)
     except ValueError:
         return None
-
-
-def _dropped(conn: http.client.HTTPConnection) -> bool:
-    """Whether the server closed a kept connection (its socket reads as ready: EOF, or an unasked-for byte)."""
-    if conn.sock is None:
-        return True
-    try:
-        readable, _, _ = select.select([conn.sock], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable)
 
 
 class ApiTransport:
@@ -86,7 +77,7 @@ class ApiTransport:
         self.netloc = url.netloc
         self.server_name = configuration.tls_server_name or self.hostname
         self.tls = self._tls_context() if url.scheme == "https" else None
-        self._idle: list[http.client.HTTPConnection] = []
+        self._idle: list[Http1Connection] = []
         self._lock = threading.Lock()
         self._auth: str | None = None
         self._auth_read = -AUTH_REFRESH_S
@@ -105,40 +96,37 @@ class ApiTransport:
 
     # ------------------------------------------------------------------ connections
 
-    def _connect(self) -> http.client.HTTPConnection:
+    def _connect(self) -> Http1Connection:
         """A new connection, made now (``CONNECT_ATTEMPTS`` tries for a server that refuses or is unreachable)."""
         for attempt in range(CONNECT_ATTEMPTS):
             try:
-                sock = socket.create_connection((self.hostname, self.port), timeout=self.connect_timeout)
+                return Http1Connection.open(
+                    self.hostname,
+                    self.port,
+                    connect_timeout=self.connect_timeout,
+                    read_timeout=self.read_timeout,
+                    tls=self.tls,
+                    server_hostname=self.server_name,
+                )
+            except ssl.SSLError:
+                raise
             except OSError as e:  # refused, unreachable, timed out, no such host
                 if attempt == CONNECT_ATTEMPTS - 1:
                     raise ConnectionError(f"cannot connect to the API server at {self.netloc}: {e}") from e
-                continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                if self.tls is not None:
-                    sock = self.tls.wrap_socket(sock, server_hostname=self.server_name)
-            except BaseException:
-                sock.close()
-                raise
-            sock.settimeout(self.read_timeout)
-            conn = http.client.HTTPConnection(self.hostname, self.port, timeout=self.read_timeout)
-            conn.sock = sock
-            return conn
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _take(self) -> tuple[http.client.HTTPConnection, bool]:
+    def _take(self) -> tuple[Http1Connection, bool]:
         """(a connection, whether it was kept from an earlier request)."""
         while True:
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
             if conn is None:
                 return self._connect(), False
-            if not _dropped(conn):
+            if not conn.dropped():
                 return conn, True
             conn.close()
 
-    def _give_back(self, conn: http.client.HTTPConnection) -> None:
+    def _give_back(self, conn: Http1Connection) -> None:
         with self._lock:
             if len(self._idle) < self.keep:
                 self._idle.append(conn)
@@ -174,29 +162,25 @@ class ApiTransport:
             headers["Authorization"] = token
         return headers
 
-    def _exchange(
-        self, method: str, target: str, body: bytes | None, headers: dict[str, str]
-    ) -> tuple[int, str, http.client.HTTPMessage, bytes]:
+    def _exchange(self, method: str, target: str, body: bytes | None, headers: dict[str, str]) -> Answer:
         """One request and its answer; a kept connection found broken is replaced once."""
         for attempt in range(2):
             conn, kept = self._take()
             try:
-                conn.request(method, target, body=body, headers=headers)
-                response = conn.getresponse()
-                data = response.read()
+                answer = conn.request(method, target, self.netloc, headers, body)
             except TimeoutError:
                 conn.close()
                 raise
-            except (ConnectionError, http.client.HTTPException, ssl.SSLError):
+            except (OSError, ValueError):  # ConnectionError and ssl.SSLError are OSErrors
                 conn.close()
                 if kept and attempt == 0:
                     continue  # the server closed or broke the kept connection: once more, on a new one
                 raise
-            if response.will_close:
-                conn.close()
-            else:
+            if answer.keep:
                 self._give_back(conn)
-            return response.status, response.reason, response.headers, data
+            else:
+                conn.close()
+            return answer
         raise AssertionError("unreachable")  # pragma: no cover
 
     def request(
@@ -214,19 +198,20 @@ class ApiTransport:
         reauthenticated = False
         for attempt in range(REFUSED_ATTEMPTS):
             sent = self.headers(content_type)
-            status, reason, headers, data = self._exchange(method, target, payload, sent)
-            if status == 401 and not reauthenticated:
+            answer = self._exchange(method, target, payload, sent)
+            if answer.status == 401 and not reauthenticated:
                 reauthenticated = True
                 if self.authorization(fresh=True) != sent.get("Authorization"):
                     continue  # the token was rotated or expired since it was read: once more with the new one
-            wait = _retry_after(method, status, headers) if attempt < REFUSED_ATTEMPTS - 1 else None
+            wait = _retry_after(method, answer.status, answer.headers) if attempt < REFUSED_ATTEMPTS - 1 else None
             if wait is None:
                 break
             time.sleep(wait)
-        if not 200 <= status <= 299:
-            error = ApiException(status=status, reason=reason, body=data.decode(errors="replace"))
-            error.headers = headers
+        if not 200 <= answer.status <= 299:
+            error = ApiException(status=answer.status, reason=answer.reason, body=answer.body.decode(errors="replace"))
+            error.headers = answer.headers
             raise error
+        data = answer.body
         return json.loads(data) if data else None
 
     def stream(
@@ -243,12 +228,13 @@ class ApiTransport:
         is given the socket before the request goes (another thread may shut it down to end the watch).
         """
         target = self.base_path + path + f"?{urlencode(query)}"
-        conn = self._connect()
+        kept = self._connect()  # a socket of its own; http.client reads the chunked stream line by line
+        conn = http.client.HTTPConnection(self.hostname, self.port, timeout=read_timeout)
+        conn.sock = kept.sock
         try:
-            assert conn.sock is not None
             if opened is not None:
-                opened(conn.sock)
-            conn.sock.settimeout(read_timeout)
+                opened(kept.sock)
+            kept.sock.settimeout(read_timeout)
             sent = self.headers("application/json")
             conn.request("GET", target, headers=sent)
             response = conn.getresponse()
@@ -263,3 +249,4 @@ class ApiTransport:
                     yield json.loads(line)
         finally:
             conn.close()
+            kept.close()
