@@ -181,6 +181,13 @@ def run(cfg: TrainerConfig, *, progress_bar: bool | None = None) -> Summary | No
     from kubetune_trainer import train
 
     world = train.init_world()
+    try:
+        return _run_in_world(cfg, world, progress_bar)
+    finally:
+        train.leave_world(world)
+
+
+def _run_in_world(cfg: TrainerConfig, world: Any, progress_bar: bool | None) -> Summary | None:
     if world.size > 1:  # ranks on one node must not share download and checkpoint folders
         cfg = cfg.model_copy(update={"work_dir": str(Path(cfg.work_dir) / f"rank-{world.rank}")})
     settings = _settings(cfg)

@@ -312,6 +312,18 @@ def init_world() -> World:
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank)
 
 
+def leave_world(world: World) -> None:
+    """Leave the process group once this rank's part of the run is over (rank 0 after publishing, the
+    others after training). A rank that exits with its group still up can abort in the group's
+    destructor ("terminate called without an active exception"), and torchrun then stops every rank."""
+    if world.size <= 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def global_targets(local: int, world: World, device: torch.device) -> int:
     """The target tokens of one optimizer step summed over every rank (one scalar all-reduce on ``device``:
     NCCL reduces GPU tensors only)."""
