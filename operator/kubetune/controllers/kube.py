@@ -19,6 +19,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune.api.types import API_GROUP, API_VERSION
 from kubetune.builders.meta import owned_by
+from kubetune.controllers.informer import namespaced
 from kubetune.controllers.transport import ApiTransport
 from kubetune_trainer import storage
 
@@ -177,10 +178,9 @@ class Kube:
         if not namespaces:
             listed: list[dict[str, Any]] = self.request("GET", path, query=query)["items"]
             return listed
-        group, _, resource = path.rpartition("/")
         found: list[dict[str, Any]] = []
         for ns in namespaces:
-            found += self.request("GET", f"{group}/namespaces/{ns}/{resource}", query=query)["items"]
+            found += self.request("GET", namespaced(path, ns), query=query)["items"]
         return found
 
     def secret_data(self, namespace: str, name: str, fresh: bool = False) -> dict[str, str] | None:
