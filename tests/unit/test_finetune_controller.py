@@ -337,8 +337,36 @@ def test_a_deleted_job_of_an_unfinished_finetune_is_created_again(
     uid = obj["metadata"]["uid"]
     scheduler = controller.scheduler
     assert isinstance(scheduler, ManualScheduler)
-    scheduler.run(("retry", uid))
+    scheduler.run(("relaunch", uid))
     assert len(kube.of_kind("Job")) == 1
+
+
+def test_a_job_deleted_under_a_reconcile_with_the_old_copy_is_still_created_again(
+    kube: FakeKube, controller: FineTuneController
+) -> None:
+    # A reconcile read the Job as last seen; before it ran, the Job was deleted and its watch said so.
+    # Done with the old copy, that reconcile must neither cancel the relaunch nor make the operator
+    # believe it has a Job on the way.
+    obj, job = launched(kube, controller)
+    del kube.objects[("Job", NS, job["metadata"]["name"])]
+    controller.on_job_event("DELETED", obj, job)
+    controller.on_finetune_event("MODIFIED", obj, job)
+    scheduler = controller.scheduler
+    assert isinstance(scheduler, ManualScheduler)
+    scheduler.run(("relaunch", obj["metadata"]["uid"]))
+    (again,) = kube.of_kind("Job")
+    assert again["metadata"]["name"] == job["metadata"]["name"]
+
+
+def test_no_relaunch_when_a_new_job_was_seen_first(kube: FakeKube, controller: FineTuneController) -> None:
+    obj, job = launched(kube, controller)
+    controller.on_job_event("DELETED", obj, job)
+    controller.job_seen("ADDED", job)  # someone created it again before the relaunch was due
+    kube.writes.clear()
+    scheduler = controller.scheduler
+    assert isinstance(scheduler, ManualScheduler)
+    scheduler.run(("relaunch", obj["metadata"]["uid"]))
+    assert [w for w in kube.writes if w[1] == "Job"] == []
 
 
 def test_a_finished_finetune_ignores_later_job_events(kube: FakeKube, controller: FineTuneController) -> None:
@@ -349,7 +377,7 @@ def test_a_finished_finetune_ignores_later_job_events(kube: FakeKube, controller
     controller.on_job_event("DELETED", obj, job)  # ttlSecondsAfterFinished removed it
     controller.on_finetune_event("MODIFIED", obj, None)
     assert kube.writes == []
-    assert not controller.scheduler.scheduled(("retry", obj["metadata"]["uid"]))
+    assert not controller.scheduler.scheduled(("relaunch", obj["metadata"]["uid"]))
 
 
 def test_forget_drops_everything_about_a_deleted_finetune(kube: FakeKube, controller: FineTuneController) -> None:

@@ -458,7 +458,7 @@ class FineTuneController:
             state.pop(uid, None)
         self.backoff.succeeded(uid)
         self.job_of.pop(uid, None)
-        for work in ("reconcile", "job", "retry", "progress", "follow", "delete"):
+        for work in ("reconcile", "job", "retry", "relaunch", "progress", "follow", "delete"):
             self.scheduler.cancel((work, uid))
 
     def seed(self, finetunes: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> None:
@@ -559,7 +559,9 @@ class FineTuneController:
             if self.launched.get(uid) == job["metadata"]["name"]:
                 self.launched.pop(uid, None)
             if not self.terminal(obj):
-                self.scheduler.call_later(("retry", uid), RELAUNCH_DELAY_S, partial(self.relaunch, obj))
+                # A key of its own: a reconcile that read the Job just before it went ends by cancelling
+                # its retries, and must not cancel this.
+                self.scheduler.call_later(("relaunch", uid), RELAUNCH_DELAY_S, partial(self.relaunch, obj))
             return False
         if self.terminal(obj):
             return False
@@ -665,16 +667,20 @@ class FineTuneController:
     def relaunch(self, obj: dict[str, Any]) -> None:
         """The Job of an unfinished FineTune went away: create it again, if the FineTune is still there."""
         meta_ = obj["metadata"]
+        uid = meta_["uid"]
         try:
             current = self.kube.get_custom(PLURAL, meta_["namespace"], meta_["name"])
         except ApiException as e:
             log.warning("%s/%s: could not read the FineTune (%s)", meta_["namespace"], meta_["name"], e.reason)
-            self.scheduler.call_later(("retry", meta_["uid"]), RELAUNCH_DELAY_S, partial(self.relaunch, obj))
+            self.scheduler.call_later(("relaunch", uid), RELAUNCH_DELAY_S, partial(self.relaunch, obj))
             return
-        if current is None or current["metadata"].get("uid") != meta_["uid"]:
+        if current is None or current["metadata"].get("uid") != uid:
             return
-        if current["metadata"].get("deletionTimestamp"):
-            return
+        if current["metadata"].get("deletionTimestamp") or self.job_seen_for(current) is not None:
+            return  # going away, or a Job of it was seen since
+        with self.book.lock(uid):
+            # A reconcile that read the Job just before it went may have noted it again as this process's.
+            self.launched.pop(uid, None)
         log.info("%s/%s: its Job is gone; creating it again", meta_["namespace"], meta_["name"])
         self.reconcile_safely(snapshot(current), None)
 
