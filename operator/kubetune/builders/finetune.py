@@ -44,6 +44,7 @@ class TemplateViolationError(ValueError):
 class Plan:
     """Everything the controller needs to run one FineTune, resolved and validated."""
 
+    finetune: FineTune
     spec: ResolvedFineTuneSpec
     config: TrainerConfig
 
@@ -158,7 +159,7 @@ def plan(
         work_dir=f"{SCRATCH_MOUNT}/work",
         progress_interval_seconds=settings.progress_interval_seconds,
     )
-    return Plan(spec=spec, config=config)
+    return Plan(finetune=finetune, spec=spec, config=config)
 
 
 CONFIG_ANNOTATION = "kubetune.io/trainer-config"

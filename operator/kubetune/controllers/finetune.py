@@ -391,7 +391,7 @@ class FineTuneController:
             return None
         self.check_credentials(obj, plan)
         self.ensure_finalizer(obj, plan)
-        finetune = FineTune.model_validate({"metadata": obj["metadata"], "spec": obj["spec"]})
+        finetune = plan.finetune
         uid = obj["metadata"]["uid"]
         try:
             if plan.spec.resources.nodes > 1:
