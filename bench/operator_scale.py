@@ -70,9 +70,14 @@ How to read the output (one JSON document on stdout; progress on stderr):
   operator idle, and once the burst is over (what stays is kept, not transient).
 - ``runs[].profile`` (with ``--profile``): where the operator's CPU went, by
   function (``bench/scale/profile.py``).
+- ``runs[].floor`` (with ``--floor``): the same burst once more, in a fresh
+  namespace, with ``bench/scale/floor.py`` in place of the operator: one
+  watch and one POST of a ready Job per FineTune, straight to the API server.
+  Its apply→Job latency is what the machine allows whatever the operator
+  does; ``targets`` shows it beside each latency goal (``floor``).
 
 Usage: ``.venv/bin/python bench/operator_scale.py [--sizes 100,1000] [--steady 1000] [--settle 10] [--keep]
-[--profile]``.
+[--profile] [--floor]``.
 """
 
 from __future__ import annotations
@@ -116,6 +121,7 @@ from bench.scale.common import (  # noqa: E402
     wait_for,
 )
 from bench.scale.environment import machine, versions  # noqa: E402
+from bench.scale.floor import measure_floor  # noqa: E402
 from bench.scale.jobs import JobWatch  # noqa: E402
 from bench.scale.processes import (  # noqa: E402
     OperatorProcess,
@@ -307,6 +313,8 @@ def run_size(
         operator_alive = operator.popen.poll() is None
 
         seen = dict(watch.first_seen)
+        if seen:
+            result["_job"] = next(iter(seen.values()))[1]  # for --floor, which posts the same Job; not printed
         by_finetune = {(obj["metadata"].get("labels") or {}).get(FINETUNE_LABEL): (t, obj) for t, obj in seen.values()}
         last_job = max((t for t, _ in seen.values()), default=t_jobs)
         window_end = last_job if all_jobs else t_jobs
@@ -442,6 +450,8 @@ def targets(runs: list[dict[str, Any]]) -> dict[str, Any]:
         goals: dict[str, Any] = {}
         if size in TARGET_JOB_P99_S:
             goals["apply_to_job_p99_s"] = _target(p99, TARGET_JOB_P99_S[size])
+            if "floor" in run:
+                goals["apply_to_job_p99_s"]["floor"] = run["floor"]["latency_s"]["from_create_start"]["p99"]
         if size == 100:
             pickup = run["per_finetune"]["create_to_job_breakdown_s"]["create_end_to_first_operator_write"]["p99"]
             goals["create_to_first_write_p99_s"] = _target(pickup, TARGET_PICKUP_P99_S)
@@ -502,6 +512,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steady-seconds", type=float, default=120, help="the steady-state measuring window")
     parser.add_argument("--progress-interval", type=float, default=10, help="simulated trainers' progress interval")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="after each size, the same burst with bench/scale/floor.py in place of the operator (one watch, "
+        "one POST per FineTune): the latency the machine allows, read beside the operator's",
+    )
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -578,6 +594,10 @@ def main(argv: list[str] | None = None) -> int:
                 run = run_size(cluster, api, size, args, workdir)
                 report["runs"].append(run)
                 cluster.control_plane.ensure_running()
+                job = run.pop("_job", None)
+                if args.floor and job is not None:
+                    log(f"N={size}: the floor (bench/scale/floor.py) in place of the operator")
+                    run["floor"] = measure_floor(cluster, api, size, job, args, workdir)
                 if args.run_pods:
                     cluster.kubelet.ensure_running()
             if args.steady:
