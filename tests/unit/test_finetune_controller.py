@@ -358,6 +358,23 @@ def test_a_job_deleted_under_a_reconcile_with_the_old_copy_is_still_created_agai
     assert again["metadata"]["name"] == job["metadata"]["name"]
 
 
+@pytest.mark.parametrize("error", [api_error(503, "ServiceUnavailable"), ConnectionRefusedError(111, "refused")])
+def test_a_relaunch_that_cannot_read_the_finetune_tries_again(
+    kube: FakeKube, controller: FineTuneController, error: Exception
+) -> None:
+    obj, job = launched(kube, controller)
+    del kube.objects[("Job", NS, job["metadata"]["name"])]
+    controller.on_job_event("DELETED", obj, job)
+    kube.fail("get_custom", error)
+    scheduler = controller.scheduler
+    assert isinstance(scheduler, ManualScheduler)
+    uid = obj["metadata"]["uid"]
+    scheduler.run(("relaunch", uid))
+    assert kube.of_kind("Job") == []
+    scheduler.run(("relaunch", uid))  # scheduled again; the API answers this time
+    assert len(kube.of_kind("Job")) == 1
+
+
 def test_no_relaunch_when_a_new_job_was_seen_first(kube: FakeKube, controller: FineTuneController) -> None:
     obj, job = launched(kube, controller)
     controller.on_job_event("DELETED", obj, job)

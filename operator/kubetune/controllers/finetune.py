@@ -670,8 +670,8 @@ class FineTuneController:
         uid = meta_["uid"]
         try:
             current = self.kube.get_custom(PLURAL, meta_["namespace"], meta_["name"])
-        except ApiException as e:
-            log.warning("%s/%s: could not read the FineTune (%s)", meta_["namespace"], meta_["name"], e.reason)
+        except Exception as e:  # an API error or an unreachable API server: try again, or the Job stays gone
+            log.warning("%s/%s: could not read the FineTune (%s)", meta_["namespace"], meta_["name"], why(e))
             self.scheduler.call_later(("relaunch", uid), RELAUNCH_DELAY_S, partial(self.relaunch, obj))
             return
         if current is None or current["metadata"].get("uid") != uid:
