@@ -328,16 +328,25 @@ def test_a_queued_job_is_never_unsuspended_by_the_operator(kube: FakeKube, contr
     assert condition(current, "Queued") == ("True", "WaitingForAdmission")
 
 
-def test_a_deleted_job_of_an_unfinished_finetune_is_created_again(
-    kube: FakeKube, controller: FineTuneController
-) -> None:
+def job_deleted(kube: FakeKube, controller: FineTuneController) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A launched FineTune whose Job was deleted and whose watch said so: its relaunch is scheduled."""
     obj, job = launched(kube, controller)
     del kube.objects[("Job", NS, job["metadata"]["name"])]
     controller.on_job_event("DELETED", obj, job)
-    uid = obj["metadata"]["uid"]
+    return obj, job
+
+
+def run_relaunch(controller: FineTuneController, obj: dict[str, Any]) -> None:
     scheduler = controller.scheduler
     assert isinstance(scheduler, ManualScheduler)
-    scheduler.run(("relaunch", uid))
+    scheduler.run(("relaunch", obj["metadata"]["uid"]))
+
+
+def test_a_deleted_job_of_an_unfinished_finetune_is_created_again(
+    kube: FakeKube, controller: FineTuneController
+) -> None:
+    obj, _ = job_deleted(kube, controller)
+    run_relaunch(controller, obj)
     assert len(kube.of_kind("Job")) == 1
 
 
@@ -347,13 +356,9 @@ def test_a_job_deleted_under_a_reconcile_with_the_old_copy_is_still_created_agai
     # A reconcile read the Job as last seen; before it ran, the Job was deleted and its watch said so.
     # Done with the old copy, that reconcile must neither cancel the relaunch nor make the operator
     # believe it has a Job on the way.
-    obj, job = launched(kube, controller)
-    del kube.objects[("Job", NS, job["metadata"]["name"])]
-    controller.on_job_event("DELETED", obj, job)
+    obj, job = job_deleted(kube, controller)
     controller.on_finetune_event("MODIFIED", obj, job)
-    scheduler = controller.scheduler
-    assert isinstance(scheduler, ManualScheduler)
-    scheduler.run(("relaunch", obj["metadata"]["uid"]))
+    run_relaunch(controller, obj)
     (again,) = kube.of_kind("Job")
     assert again["metadata"]["name"] == job["metadata"]["name"]
 
@@ -362,16 +367,11 @@ def test_a_job_deleted_under_a_reconcile_with_the_old_copy_is_still_created_agai
 def test_a_relaunch_that_cannot_read_the_finetune_tries_again(
     kube: FakeKube, controller: FineTuneController, error: Exception
 ) -> None:
-    obj, job = launched(kube, controller)
-    del kube.objects[("Job", NS, job["metadata"]["name"])]
-    controller.on_job_event("DELETED", obj, job)
+    obj, _ = job_deleted(kube, controller)
     kube.fail("get_custom", error)
-    scheduler = controller.scheduler
-    assert isinstance(scheduler, ManualScheduler)
-    uid = obj["metadata"]["uid"]
-    scheduler.run(("relaunch", uid))
+    run_relaunch(controller, obj)
     assert kube.of_kind("Job") == []
-    scheduler.run(("relaunch", uid))  # scheduled again; the API answers this time
+    run_relaunch(controller, obj)  # scheduled again; the API answers this time
     assert len(kube.of_kind("Job")) == 1
 
 
@@ -380,9 +380,7 @@ def test_no_relaunch_when_a_new_job_was_seen_first(kube: FakeKube, controller: F
     controller.on_job_event("DELETED", obj, job)
     controller.job_seen("ADDED", job)  # someone created it again before the relaunch was due
     kube.writes.clear()
-    scheduler = controller.scheduler
-    assert isinstance(scheduler, ManualScheduler)
-    scheduler.run(("relaunch", obj["metadata"]["uid"]))
+    run_relaunch(controller, obj)
     assert [w for w in kube.writes if w[1] == "Job"] == []
 
 

@@ -211,8 +211,7 @@ class ApiTransport:
             error = ApiException(status=answer.status, reason=answer.reason, body=answer.body.decode(errors="replace"))
             error.headers = answer.headers
             raise error
-        data = answer.body
-        return json.loads(data) if data else None
+        return json.loads(answer.body) if answer.body else None
 
     def stream(
         self,
@@ -228,13 +227,13 @@ class ApiTransport:
         is given the socket before the request goes (another thread may shut it down to end the watch).
         """
         target = self.base_path + path + f"?{urlencode(query)}"
-        kept = self._connect()  # a socket of its own; http.client reads the chunked stream line by line
+        fresh = self._connect()  # a socket of its own; http.client reads the chunked stream line by line
         conn = http.client.HTTPConnection(self.hostname, self.port, timeout=read_timeout)
-        conn.sock = kept.sock
+        conn.sock = fresh.sock
         try:
             if opened is not None:
-                opened(kept.sock)
-            kept.sock.settimeout(read_timeout)
+                opened(fresh.sock)
+            fresh.sock.settimeout(read_timeout)
             sent = self.headers("application/json")
             conn.request("GET", target, headers=sent)
             response = conn.getresponse()
@@ -249,4 +248,4 @@ class ApiTransport:
                     yield json.loads(line)
         finally:
             conn.close()
-            kept.close()
+            fresh.close()
